@@ -1,0 +1,15 @@
+"""petl_tpr: parameter-efficient transfer learning on transformer backbones, for person retrieval."""
+
+from . import backbones, methods  # noqa: F401  (registers built-in families and methods)
+from .api import aux_loss, eject, inject, merge
+from .errors import CheckpointError, DiscoveryError, InjectionError, PetlError, SpecError
+from .io import adapter_state_dict, load_adapters, save_adapters
+from .spec import MethodEntry, Spec, Where
+from .summary import summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "DiscoveryError", "InjectionError", "MethodEntry", "PetlError", "Spec", "SpecError", "Where",
+    "adapter_state_dict", "aux_loss", "eject", "inject", "load_adapters", "merge", "save_adapters", "summary",
+]

@@ -1,0 +1,181 @@
+"""Walk a model, recognise transformer blocks by structure, group them into named branches.
+
+A branch is one stack of blocks (the children of one ModuleList). Branches are named by what
+feeds them, not by attribute names: the highest ancestor of a stack that holds no other stack is
+inspected; a Conv2d there (a patch embedding) makes the branch `vision`, an Embedding makes it
+`text`. A stack left unnamed in a model whose root holds a token Embedding outside every vision
+branch is `text` (open_clip keeps `token_embedding` at the root); anything else is `encoder`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import DiscoveryError
+from ..registry import FAMILIES
+from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Every recognised branch of a model, in discovery order."""
+
+    branches: dict[str, Branch]
+
+    def blocks(self) -> list[Block]:
+        return [block for branch in self.branches.values() for block in branch.blocks]
+
+    def describe(self) -> str:
+        """One line per branch: name, family, layer count, width."""
+        return "; ".join(
+            f"{b.name}: {len(b.blocks)} {b.family} blocks of width {b.dim} at '{b.path}'"
+            for b in self.branches.values()
+        )
+
+    def fingerprint(self) -> dict[str, dict[str, object]]:
+        """What a checkpoint records to check that it fits a model."""
+        return {n: {"family": b.family, "layers": len(b.blocks), "dim": b.dim} for n, b in self.branches.items()}
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _resolve_projection(block: nn.Module, role: str, ref: ProjectionRef, prefix: str) -> Projection | None:
+    owner = _get(block, ref.path)
+    if owner is None:
+        return None
+    owner_path = f"{prefix}.{ref.path}" if prefix else ref.path
+    if ref.param is None:
+        if not is_linear(owner):
+            return None
+        weight = owner.weight
+    else:
+        weight = getattr(owner, ref.param, None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            return None
+    out_total, in_dim = weight.shape
+    if ref.part is None:
+        return Projection(role, owner_path, ref.param, None, in_dim, out_total)
+    if out_total % ref.parts:
+        return None
+    size = out_total // ref.parts
+    rows = (ref.part * size, (ref.part + 1) * size)
+    return Projection(role, owner_path, ref.param, rows, in_dim, size)
+
+
+def match_layout(block: nn.Module, layout: BlockLayout, prefix: str) -> tuple[int, dict[str, Projection]] | None:
+    """Return (width, resolved projections) when `block` has every role of `layout`."""
+    attn = _get(block, layout.attn)
+    if attn is None or not layout.attn_check(attn):
+        return None
+    norms = [_get(block, layout.norm1), _get(block, layout.norm2)]
+    if not all(n is not None and is_norm(n) for n in norms):
+        return None
+    for path in (layout.attn_in, layout.attn_out, layout.mlp_in, layout.mlp_out):
+        if _get(block, path) is None:
+            return None
+    projections = {}
+    for role in PROJECTION_ROLES:
+        resolved = _resolve_projection(block, role, layout.projection(role), prefix)
+        if resolved is None:
+            return None
+        projections[role] = resolved
+    return int(norms[0].weight.shape[0]), projections
+
+
+def _match_block(module: nn.Module, prefix: str) -> tuple[str, BlockLayout, int, dict[str, Projection]] | None:
+    for family in FAMILIES.values():
+        for layout in family.layouts:
+            found = match_layout(module, layout, prefix)
+            if found is not None:
+                return family.name, layout, found[0], found[1]
+    return None
+
+
+def _has(module: nn.Module, kinds: tuple[type, ...], skip: tuple[str, ...] = (), prefix: str = "") -> bool:
+    for name, sub in module.named_modules(prefix=prefix):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(sub, kinds):
+            return True
+    return False
+
+
+def _branch_kind(model: nn.Module, stack: str, stacks: list[str]) -> str:
+    """Name a stack by the highest ancestor that holds no other stack (see module docstring)."""
+    parts = stack.split(".")
+    exclusive = stack
+    for cut in range(len(parts) - 1, -1, -1):
+        candidate = ".".join(parts[:cut])
+        if any(other != stack and (candidate == "" or other.startswith(candidate + ".")) for other in stacks):
+            break
+        exclusive = candidate
+    sub = model.get_submodule(exclusive) if exclusive else model
+    if _has(sub, (nn.Conv2d,)):
+        return "vision"
+    if _has(sub, (nn.Embedding,)):
+        return "text"
+    return "encoder"
+
+
+def discover(model: nn.Module) -> Backbone:
+    """Find every block of a registered family in `model`, grouped into branches.
+
+    Raises DiscoveryError listing what was found when no block matches.
+    """
+    found: list[tuple[str, str, BlockLayout, int, dict[str, Projection]]] = []
+    matched_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in matched_prefixes):
+            continue
+        hit = _match_block(module, path)
+        if hit is not None and "." in path:
+            found.append((path, *hit))
+            matched_prefixes.append(path)
+    if not found:
+        raise DiscoveryError(_nothing_found_message(model))
+    stacks: dict[str, list] = {}
+    for path, family, layout, dim, projections in found:
+        stacks.setdefault(path.rsplit(".", 1)[0], []).append((path, family, layout, dim, projections))
+    kinds = {s: _branch_kind(model, s, list(stacks)) for s in stacks}
+    vision_roots = tuple(s for s, k in kinds.items() if k == "vision")
+    for s, kind in kinds.items():
+        if kind == "encoder" and vision_roots and _has(model, (nn.Embedding,), skip=_vision_owners(vision_roots)):
+            kinds[s] = "text"
+    branches: dict[str, Branch] = {}
+    for stack, members in stacks.items():
+        name = kinds[stack]
+        suffix = 1
+        while name in branches:
+            name, suffix = f"{kinds[stack]}_{suffix}", suffix + 1
+        blocks = tuple(
+            Block(path, name, i, family, dim, layout, projections)
+            for i, (path, family, layout, dim, projections) in enumerate(members)
+        )
+        families = {b.family for b in blocks}
+        branches[name] = Branch(name, stack, blocks, "/".join(sorted(families)))
+    return Backbone(branches)
+
+
+def _vision_owners(vision_stacks: tuple[str, ...]) -> tuple[str, ...]:
+    """The top-level attribute holding each vision stack (e.g. `visual`), to skip when looking for text."""
+    return tuple(s.split(".")[0] for s in vision_stacks)
+
+
+def _nothing_found_message(model: nn.Module) -> str:
+    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children()) or "none"
+    kinds = sorted({type(m).__name__ for m in model.modules()})
+    families = ", ".join(FAMILIES) or "none"
+    return (
+        f"no transformer block of a known family in {type(model).__name__}. Top-level children: {children}. "
+        f"Module classes present: {', '.join(kinds[:30])}{' ...' if len(kinds) > 30 else ''}. "
+        f"Known families: {families}. To support a new family, describe its block with a BlockLayout "
+        f"(roles attn, q, k, v, o, fc1, fc2, norm1, norm2 and branch in/out points) in a new file under "
+        f"petl_tpr/backbones/ and register it; see docs/adding.md."
+    )

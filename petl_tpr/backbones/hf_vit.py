@@ -1,0 +1,68 @@
+"""transformers ViT, in both layer layouts transformers has used."""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import register_family
+from .layout import BlockLayout, Family, ProjectionRef
+
+# transformers >= 5: attention.{q,k,v,o}_proj and mlp.fc1/fc2.
+LAYOUT_V5 = BlockLayout(
+    attn="attention",
+    q=ProjectionRef("attention.q_proj"),
+    k=ProjectionRef("attention.k_proj"),
+    v=ProjectionRef("attention.v_proj"),
+    o=ProjectionRef("attention.o_proj"),
+    fc1=ProjectionRef("mlp.fc1"),
+    fc2=ProjectionRef("mlp.fc2"),
+    norm1="layernorm_before",
+    norm2="layernorm_after",
+    attn_in="attention",
+    attn_out="attention",
+    mlp_in="mlp",
+    mlp_out="mlp",
+)
+
+# transformers 4.x: attention.attention.{query,key,value}, attention.output.dense, intermediate/output.
+LAYOUT_V4 = BlockLayout(
+    attn="attention.attention",
+    q=ProjectionRef("attention.attention.query"),
+    k=ProjectionRef("attention.attention.key"),
+    v=ProjectionRef("attention.attention.value"),
+    o=ProjectionRef("attention.output.dense"),
+    fc1=ProjectionRef("intermediate.dense"),
+    fc2=ProjectionRef("output.dense"),
+    norm1="layernorm_before",
+    norm2="layernorm_after",
+    attn_in="attention",
+    attn_out="attention.output.dense",
+    mlp_in="intermediate",
+    mlp_out="output.dense",
+)
+
+
+def tiny_example():
+    """A 2-layer ViT, width 32, 32x32 images; `run` returns the last hidden state."""
+    from ..compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+
+    def run(m):
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return m(pixel_values=pixels).last_hidden_state.flatten()
+
+    return model, run
+
+
+FAMILY = register_family(Family(
+    name="hf_vit",
+    layouts=(LAYOUT_V5, LAYOUT_V4),
+    description="transformers ViTLayer (v5 q/k/v/o_proj + mlp, and v4 attention.attention.query/... layout), pre-norm",
+    example=tiny_example,
+))

@@ -1,0 +1,152 @@
+"""How a backbone family describes its transformer block: by roles, not by class names.
+
+A `BlockLayout` maps roles to paths inside one block:
+- projections `q`, `k`, `v`, `o`, `fc1`, `fc2` (a `ProjectionRef`: a Linear, a row slice of a fused
+  Linear, or a row slice of a raw weight Parameter such as `in_proj_weight`);
+- norms `norm1`, `norm2`;
+- the attention module `attn`;
+- branch entry and exit points `attn_in`/`attn_out`, `mlp_in`/`mlp_out`: the input of the
+  `*_in` module is the branch input and the output of the `*_out` module is the branch output before
+  the residual addition (they are one module where the family has a self-contained attention or MLP).
+
+A block matches a layout when every path exists with the right kind of module. Matching is
+structural, so any model built from the same pieces is recognised whatever its class is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+PROJECTION_ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+NORM_ROLES = ("norm1", "norm2")
+BRANCH_ROLES = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class ProjectionRef:
+    """Where a projection's weight lives, relative to its block.
+
+    - `param=None, part=None`: `path` is an `nn.Linear` used whole.
+    - `param=None, part=i`: `path` is a fused `nn.Linear`; the projection is rows
+      `[i*n, (i+1)*n)` of its output with `n = out_features // parts`.
+    - `param="in_proj_weight", part=i`: a raw `(parts*n, d)` Parameter of the module at `path`.
+    - `param="weight", part=None`: the whole weight of a Linear that its owner never calls
+      (MultiheadAttention reads `out_proj.weight` directly), so it must be changed as a weight.
+    """
+
+    path: str
+    param: str | None = None
+    part: int | None = None
+    parts: int = 3
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or (
+        hasattr(module, "normalized_shape") and isinstance(getattr(module, "weight", None), torch.Tensor)
+    )
+
+
+def is_mha(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The roles of one block variant of a family; see the module docstring."""
+
+    attn: str
+    q: ProjectionRef
+    k: ProjectionRef
+    v: ProjectionRef
+    o: ProjectionRef
+    fc1: ProjectionRef
+    fc2: ProjectionRef
+    norm1: str
+    norm2: str
+    attn_in: str
+    attn_out: str
+    mlp_in: str
+    mlp_out: str
+    post_norm: bool = False
+    attn_check: Callable[[nn.Module], bool] = lambda module: True
+
+    def projection(self, role: str) -> ProjectionRef:
+        return getattr(self, role)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A backbone family: its layouts and a tiny example model for the tests.
+
+    `example` returns `(model, run)`, where `run(model)` feeds fixed inputs (made with a fixed seed)
+    and returns one float tensor of outputs; it imports its third-party package lazily.
+    """
+
+    name: str
+    layouts: tuple[BlockLayout, ...]
+    description: str
+    example: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]] | None = None
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A projection resolved inside a model.
+
+    `owner` is the module path of the Linear (or of the Parameter's owner), `rows` the output rows
+    it occupies in a fused weight, and `key` the logical site name used in checkpoints, e.g.
+    `blocks.0.attn.qkv.k` or `transformer.resblocks.0.attn.in_proj_weight.v`.
+    """
+
+    role: str
+    owner: str
+    param: str | None
+    rows: tuple[int, int] | None
+    in_dim: int
+    out_dim: int
+
+    @property
+    def key(self) -> str:
+        parts = [self.owner]
+        if self.param not in (None, "weight"):
+            parts.append(self.param)
+        if self.rows is not None:
+            parts.append(self.role)
+        return ".".join(parts)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One recognised transformer block of a model, with every role resolved to a path."""
+
+    path: str
+    branch: str
+    index: int
+    family: str
+    dim: int
+    layout: BlockLayout
+    projections: dict[str, Projection] = field(hash=False, compare=False)
+
+    def module_path(self, relative: str) -> str:
+        return f"{self.path}.{relative}" if self.path else relative
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A stack of blocks (one ModuleList), e.g. the vision or text encoder."""
+
+    name: str
+    path: str
+    blocks: tuple[Block, ...]
+    family: str
+
+    @property
+    def dim(self) -> int:
+        return self.blocks[0].dim

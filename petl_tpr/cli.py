@@ -1,0 +1,65 @@
+"""`petl-tpr` command line: quickstart, presets, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run
+
+    run(args.out, batch=args.batch, small=args.small)
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    for name, entries in PRESETS.items():
+        print(f"{name:<24} " + " + ".join(e["method"] for e in entries))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Show what a preset or spec file attaches to a CLIP ViT-B/16 built from config."""
+    from . import Spec, inject, summary
+    from .quickstart import build_clip_b16
+
+    model = build_clip_b16(small=args.small)
+    if args.spec.endswith(".json"):
+        with open(args.spec) as handle:
+            spec = Spec.from_json(handle.read())
+    else:
+        spec = Spec.preset(args.spec, without=tuple(args.without))
+    report = inject(model, spec)
+    print(report.describe())
+    print(summary(model).table())
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="petl-tpr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("quickstart", help="inject UP-Person's LoRA + L-Adapter into CLIP ViT-B/16, train a step, save, reload")
+    p.add_argument("--out", default="runs/quickstart", help="directory for the adapter file")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--small", action="store_true", help="2-layer towers instead of 12 (for a fast check)")
+    p.set_defaults(func=_quickstart)
+    p = sub.add_parser("presets", help="list the presets")
+    p.set_defaults(func=_presets)
+    p = sub.add_parser("inspect", help="show where a preset or spec JSON attaches on CLIP ViT-B/16 and count parameters")
+    p.add_argument("spec", help="preset name or path to a spec .json")
+    p.add_argument("--without", nargs="*", default=[], help="methods to leave out of the preset")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the spec as JSON")
+    p.set_defaults(func=_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Exception types. Every error the toolkit raises on bad input is one of these."""
+
+
+class PetlError(Exception):
+    """Base class of the toolkit's errors."""
+
+
+class SpecError(PetlError, ValueError):
+    """A spec names something unknown, is malformed, or its selectors match nothing."""
+
+
+class DiscoveryError(PetlError):
+    """No transformer block of a known family was found in a model."""
+
+
+class InjectionError(PetlError):
+    """Attaching a method failed (conflicting sites, unsupported storage...)."""
+
+
+class CheckpointError(PetlError):
+    """An adapter file is unreadable or does not fit the model it is loaded into."""

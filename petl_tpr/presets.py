@@ -1,0 +1,50 @@
+"""Named specs: the papers' settings. Each preset is plain data, checked when built.
+
+A preset may name a method this version does not provide yet; building it then fails with a clear
+message unless that method is left out with `without=(...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import SpecError
+from .registry import METHODS
+
+BOTH = ["vision", "text"]
+
+# UP-Person (REFERENCE.md section 1): LoRA on k, v with a learnable scalar; S-Prefix after the first
+# token; L-Adapter parallel to both norms. Per-dataset rank and prefix length.
+_UP_PERSON = {"cuhk-pedes": (32, 10), "icfg-pedes": (32, 14), "rstpreid": (16, 2)}
+
+
+def _up_person(dataset: str) -> list[dict[str, Any]]:
+    rank, length = _UP_PERSON[dataset]
+    return [
+        {"method": "s-prefix", "config": {"length": length, "boost_init": 10.0}, "where": {"branches": BOTH}},
+        {"method": "lora", "config": {"rank": rank, "scaling": "learnable", "roles": ["k", "v"]},
+         "where": {"branches": BOTH}},
+        {"method": "l-adapter", "config": {"reduction": 8}, "where": {"branches": BOTH}},
+    ]
+
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "lora": [{"method": "lora", "config": {"rank": 32, "alpha": 32, "roles": ["q", "v"]}}],
+    "adapter": [{"method": "adapter", "config": {"reduction": 8, "mode": "sequential"}}],
+    "l-adapter": [{"method": "l-adapter", "config": {"reduction": 8}}],
+    "up-person": _up_person("cuhk-pedes"),
+    **{f"up-person:{dataset}": _up_person(dataset) for dataset in _UP_PERSON},
+}
+
+
+def build_preset(name: str, *, without: tuple[str, ...] = ()):
+    from .spec import Spec
+
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    entries = [e for e in PRESETS[name] if e["method"] not in without]
+    missing = sorted({e["method"] for e in entries} - set(METHODS))
+    if missing:
+        raise SpecError(f"preset {name!r} needs method(s) {missing}, which this version does not provide yet; "
+                        f"build it with without={tuple(missing)!r} to get the other parts")
+    return Spec.from_dict({"entries": entries})

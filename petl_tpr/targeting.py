@@ -1,0 +1,101 @@
+"""Turn a spec's selectors into attachments, checking everything before the model is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .attach import Attachment, home_of
+from .backbones.discover import Backbone
+from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block
+from .errors import SpecError
+from .registry import METHODS
+from .spec import MethodEntry, Spec
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    attachment: Attachment
+    entry: MethodEntry
+    in_dim: int
+    out_dim: int
+
+
+def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEntry) -> PlannedSite:
+    common = dict(entry=entry.name, method=entry.method, branch=block.branch, layer=block.index, role=role, slot=slot)
+    if slot == "delta":
+        proj = block.projections[role]
+        container = entry.name if proj.rows is None else f"{entry.name}_{role}"
+        home, container = home_of(model, proj.owner, container) if proj.param is None else (proj.owner, container)
+        att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
+                         rows=proj.rows, **common)
+        return PlannedSite(att, entry, proj.in_dim, proj.out_dim)
+    layout = block.layout
+    if role in NORM_ROLES:
+        owner, source = block.module_path(getattr(layout, role)), None
+    elif slot == "parallel":
+        owner = block.module_path(getattr(layout, f"{role}_out"))
+        entry_point = block.module_path(getattr(layout, f"{role}_in"))
+        source = entry_point if entry_point != owner else None
+    else:
+        owner, source = block.module_path(getattr(layout, f"{role}_out")), None
+    home, container = home_of(model, owner, entry.name)
+    att = Attachment(key=owner, owner=owner, container=container, home=home, source=source, **common)
+    return PlannedSite(att, entry, block.dim, block.dim)
+
+
+def _roles_for_slot(slot: str) -> tuple[str, ...]:
+    return {"delta": PROJECTION_ROLES, "parallel": NORM_ROLES + BRANCH_ROLES, "post": BRANCH_ROLES}[slot]
+
+
+def _describe(backbone: Backbone) -> str:
+    return ", ".join(f"{b.name} ({len(b.blocks)} layers, {b.family})" for b in backbone.branches.values())
+
+
+def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attachment]) -> list[PlannedSite]:
+    """Every attachment the spec asks for, in spec order. Raises SpecError on anything wrong."""
+    taken: dict[tuple[str, str], list[Attachment]] = {}
+    for att in existing:
+        taken.setdefault((att.key, att.slot), []).append(att)
+    planned: list[PlannedSite] = []
+    for entry in spec.entries:
+        method = METHODS[entry.method]
+        slot = method.mechanism_for(entry.config)
+        allowed = tuple(r for r in method.roles if r in _roles_for_slot(slot))
+        bad = [r for r in entry.roles if r not in allowed]
+        if bad:
+            raise SpecError(f"entry {entry.name!r}: unknown role(s) {bad} for {entry.method}; roles: {', '.join(allowed)}")
+        names = entry.where.branches or tuple(backbone.branches)
+        unknown = [b for b in names if b not in backbone.branches]
+        if unknown:
+            raise SpecError(f"entry {entry.name!r}: unknown branch(es) {unknown}; branches: {_describe(backbone)}")
+        count = 0
+        for branch_name in names:
+            blocks = backbone.branches[branch_name].blocks
+            try:
+                layers = entry.where.layer_indices(len(blocks))
+            except SpecError as error:
+                raise SpecError(f"entry {entry.name!r}, branch {branch_name!r}: {error}") from None
+            for i in layers:
+                for role in entry.roles:
+                    site = _site(model, blocks[i], role, slot, entry)
+                    _check_free(site, taken)
+                    taken.setdefault((site.attachment.key, slot), []).append(site.attachment)
+                    planned.append(site)
+                    count += 1
+        if count == 0:
+            raise SpecError(f"entry {entry.name!r} selects no site (where={entry.where.to_dict()}); "
+                            f"branches: {_describe(backbone)}; roles for {entry.method}: {', '.join(allowed)}")
+    return planned
+
+
+def _check_free(site: PlannedSite, taken: dict[tuple[str, str], list[Attachment]]) -> None:
+    att = site.attachment
+    for other in taken.get((att.key, att.slot), []):
+        if other.container == att.container:
+            raise SpecError(f"{att.key} already has an adapter named {att.container!r} ({other.method}); "
+                            f"give the new entry another name")
+        if site.entry.compose != "add":
+            raise SpecError(f"{att.key} already has {other.method!r} (entry {other.entry!r}) in its {att.slot} slot; "
+                            f"set compose='add' on entry {site.entry.name!r} to sum both, or target other sites")

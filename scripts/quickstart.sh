@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (see setup_env.sh) and run the project's main job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh dev
+exec "${PYTHON:-python3}" -m petl_tpr quickstart "$@"
