@@ -75,6 +75,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [])
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
     done: list[Attachment] = []
     try:
         for site in planned:
@@ -87,7 +88,6 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
             detach(model, att)
         raise
     if prior is None:
-        requires = {name: p.requires_grad for name, p in model.named_parameters()}
         injection = Injection(spec, done, requires, backbone.fingerprint())
         model.__dict__[INJECTION_ATTR] = injection
     else:

@@ -142,11 +142,19 @@ class WeightDeltas(nn.Module):
         super().__init__()
         self.deltas = nn.ModuleDict()
         self.rows: dict[str, tuple[int, int] | None] = {}
+        self.param_order: list[str] = []   # the owner's parameter order before parametrization
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         for name, delta in self.deltas.items():
             weight = _add_rows(weight.T, delta.delta_weight().to(weight.dtype).T, self.rows[name]).T
         return weight
+
+
+def _restore_order(params: dict, order: list[str]) -> None:
+    """Put parameters back in their registration order (remove_parametrizations appends at the end)."""
+    items = dict(params)
+    params.clear()
+    params.update((k, items[k]) for k in order + [k for k in items if k not in order])
 
 
 def _site_hook(module: nn.Module) -> SiteHook | None:
@@ -169,6 +177,7 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
         deltas = _weight_deltas(owner, att.param)
         if deltas is None:
             deltas = WeightDeltas()
+            deltas.param_order = list(owner._parameters)
             parametrize.register_parametrization(owner, att.param, deltas)
         if att.container in deltas.deltas:
             raise InjectionError(f"{att.key} already has an adapter named {att.container!r}")
@@ -206,6 +215,7 @@ def detach(model: nn.Module, att: Attachment) -> None:
         del deltas.rows[att.container]
         if not len(deltas.deltas):
             parametrize.remove_parametrizations(owner, att.param, leave_parametrized=False)
+            _restore_order(owner._parameters, deltas.param_order)
         return
     adapter = adapter_module(model, att)
     hook = _site_hook(owner)

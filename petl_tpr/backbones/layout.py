@@ -95,6 +95,14 @@ class Family:
     description: str
     example: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]] | None = None
 
+    def build_example(self, seed: int = 0) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+        """The tiny example with weights drawn from `seed`, leaving the global RNG as it was."""
+        if self.example is None:
+            raise NotImplementedError(f"family {self.name!r} has no example model")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.example()
+
 
 @dataclass(frozen=True)
 class Projection:

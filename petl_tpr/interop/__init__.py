@@ -1,0 +1,1 @@
+"""Bridges to other toolkits' formats. Import the submodule you need (`petl_tpr.interop.peft`)."""
