@@ -3,6 +3,7 @@
 from . import backbones, methods  # noqa: F401  (registers built-in families and methods)
 from .api import aux_loss, eject, inject, merge
 from .errors import CheckpointError, DiscoveryError, InjectionError, PetlError, SpecError
+from .interop.peft import export_peft
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .spec import MethodEntry, Spec, Where
 from .summary import summary
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "DiscoveryError", "InjectionError", "MethodEntry", "PetlError", "Spec", "SpecError", "Where",
-    "adapter_state_dict", "aux_loss", "eject", "inject", "load_adapters", "merge", "save_adapters", "summary",
+    "adapter_state_dict", "aux_loss", "eject", "export_peft", "inject", "load_adapters", "merge", "save_adapters", "summary",
 ]

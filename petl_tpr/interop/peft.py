@@ -71,7 +71,7 @@ def _collect(model: nn.Module, ignore_other_methods: bool) -> list[_Site]:
             raise InjectionError(f"LoRA site {att.key} ({where}{span}) is a slice of a fused or raw weight; PEFT "
                                  f"LoRA only wraps whole nn.Linear modules")
         owner = model.get_submodule(att.owner)
-        if type(owner) is not nn.Linear:
+        if not isinstance(owner, nn.Linear):  # the same rule PEFT uses to pick its lora.Linear
             raise InjectionError(f"LoRA site {att.key} is on a {type(owner).__name__}, not an nn.Linear")
         if att.owner in sites:
             raise InjectionError(f"{att.owner} carries more than one LoRA (entries sharing a site); PEFT holds one "

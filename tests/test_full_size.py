@@ -1,0 +1,61 @@
+"""Full-size CLIP ViT-B/16 checks against REFERENCE.md's numbers (marked slow), and the quickstart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import petl_tpr as pt
+from petl_tpr.quickstart import build_clip_b16
+from petl_tpr.quickstart import run as run_quickstart
+
+CLIP_B16_PARAMS = 149_620_737
+UP_PERSON_PARTS = {"lora": 1_966_128, "l_adapter": 5_146_416}
+
+
+def _open_clip_b16():
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.create_model("ViT-B-16", pretrained=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [build_clip_b16, _open_clip_b16], ids=["transformers", "open_clip"])
+def test_up_person_lora_and_l_adapter_counts(build):
+    model = build()
+    assert sum(p.numel() for p in model.parameters()) == CLIP_B16_PARAMS
+    pt.inject(model, pt.Spec.preset("up-person", without=("s-prefix",)))
+    s = pt.summary(model)
+    assert s.by_method() == UP_PERSON_PARTS
+    assert s.frozen == CLIP_B16_PARAMS
+    assert s.by_branch() == {"vision": 1_179_672 + 3_559_704, "text": 786_456 + 1_586_712}
+
+
+@pytest.mark.slow
+def test_quickstart_cli_full_size(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "petl_tpr", "quickstart", "--out", str(tmp_path), "--batch", "2"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "7,112,544" in done.stdout and "-> OK" in done.stdout
+    assert (tmp_path / "up_person_lora_ladapter.safetensors").is_file()
+
+
+def test_quickstart_small_reloads_exactly(tmp_path):
+    lines = []
+    diff = run_quickstart(tmp_path, batch=2, small=True, log=lines.append)
+    assert diff <= 1e-5
+    assert any("-> OK" in line for line in lines)
+
+
+def test_cli_presets_and_inspect(capsys):
+    from petl_tpr.cli import main
+
+    assert main(["presets"]) == 0
+    assert "up-person:rstpreid" in capsys.readouterr().out
+    assert main(["inspect", "l-adapter", "--small"]) == 0
+    out = capsys.readouterr().out
+    assert "l_adapter" in out and "percent" in out
