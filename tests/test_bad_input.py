@@ -136,3 +136,14 @@ def test_unknown_preset_and_missing_method():
         pt.Spec.preset("up-persons")
     with pytest.raises(pt.SpecError, match="needs method"):
         pt.Spec.preset("up-person")
+
+
+@pytest.mark.parametrize("family", ["open_clip", "torch_mha", "torchvision_vit"])
+def test_second_inject_on_parametrized_attention(family):
+    """Regression: a parametrized in_proj_weight is a plain Tensor; discovery must still match the block."""
+    model, run = family_example(family)
+    pt.inject(model, _entry(method="lora", config={"roles": ["q"]}))
+    pt.inject(model, _entry(method="lora", name="second", config={"roles": ["v"]}))
+    assert {a.role for a in pt.api.get_injection(model).attachments} == {"q", "v"}
+    pt.eject(model)
+    assert_no_petl_traces(model)

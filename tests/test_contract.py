@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import petl_tpr as pt
+from petl_tpr.backbones import discover
 from petl_tpr.registry import FAMILIES, METHODS
 
 from conftest import (assert_no_petl_traces, assert_state_equal, family_example, method_cases, perturb,
@@ -34,9 +35,11 @@ def _all_identity(case: str) -> bool:
 @pytest.mark.parametrize("family,case", PAIRS)
 def test_identity_at_init_and_trainable_set(family, case):
     model, run = family_example(family)
+    fingerprint = discover(model).fingerprint()
     with torch.no_grad():
         reference = run(model)
     pt.inject(model, _spec(case))
+    assert discover(model).fingerprint() == fingerprint, "an injected model must still be recognised"
     if _all_identity(case):
         with torch.no_grad():
             torch.testing.assert_close(run(model), reference, atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import DiscoveryError
@@ -56,8 +57,8 @@ def _resolve_projection(block: nn.Module, role: str, ref: ProjectionRef, prefix:
             return None
         weight = owner.weight
     else:
-        weight = getattr(owner, ref.param, None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        weight = getattr(owner, ref.param, None)   # a plain Tensor once parametrized by an adapter
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
     out_total, in_dim = weight.shape
     if ref.part is None:
