@@ -21,7 +21,7 @@ INJECTION_ATTR = "_petl_injection"
 class Injection:
     """What `inject` did to a model: kept on the model so eject/save/summary can find it."""
 
-    spec: Spec
+    spec: Spec | None               # None once every entry was merged into the base weights
     attachments: list[Attachment]
     requires_grad: dict[str, bool]
     fingerprint: dict[str, dict[str, object]]
@@ -92,7 +92,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
         model.__dict__[INJECTION_ATTR] = injection
     else:
         injection = prior
-        injection.spec = prior.spec + spec
+        injection.spec = spec if prior.spec is None else prior.spec + spec
         injection.attachments = prior.attachments + done
     if freeze:
         adapters = {id(p) for p in adapter_parameters(model).values()}
@@ -126,9 +126,9 @@ def merge(model: nn.Module) -> list[str]:
     for att in merged:
         fold(model, att)
     injection.attachments = [a for a in injection.attachments if a not in merged]
-    left = {a.entry for a in injection.attachments}
-    for entry in {a.entry for a in merged} - left:
-        injection.merged_entries.append(entry)
+    kept = tuple(e for e in injection.spec.entries if not METHODS[e.method].mergeable)
+    injection.merged_entries += [e.name for e in injection.spec.entries if METHODS[e.method].mergeable]
+    injection.spec = Spec(kept) if kept else None
     return [a.state_prefix for a in merged]
 
 

@@ -150,6 +150,21 @@ class WeightDeltas(nn.Module):
         return weight
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
+
+    torch.nn.utils.parametrize keeps each parametrized tensor as a property on a class generated
+    for the module; `copy.deepcopy` shares that class between the original and the copy, so
+    removing (or adding) a parametrization on one would change the other. A private copy of the
+    class keeps the two independent.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _restore_order(params: dict, order: list[str]) -> None:
     """Put parameters back in their registration order (remove_parametrizations appends at the end)."""
     items = dict(params)
@@ -178,6 +193,7 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
         if deltas is None:
             deltas = WeightDeltas()
             deltas.param_order = list(owner._parameters)
+            _own_class(owner)
             parametrize.register_parametrization(owner, att.param, deltas)
         if att.container in deltas.deltas:
             raise InjectionError(f"{att.key} already has an adapter named {att.container!r}")
@@ -214,6 +230,7 @@ def detach(model: nn.Module, att: Attachment) -> None:
         del deltas.deltas[att.container]
         del deltas.rows[att.container]
         if not len(deltas.deltas):
+            _own_class(owner)
             parametrize.remove_parametrizations(owner, att.param, leave_parametrized=False)
             _restore_order(owner._parameters, deltas.param_order)
         return

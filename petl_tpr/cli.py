@@ -16,9 +16,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS
+    from .registry import METHODS
 
     for name, entries in PRESETS.items():
-        print(f"{name:<24} " + " + ".join(e["method"] for e in entries))
+        parts = [e["method"] if e["method"] in METHODS else f"{e['method']} (not available yet)" for e in entries]
+        print(f"{name:<24} " + " + ".join(parts))
     return 0
 
 
@@ -58,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="also print the spec as JSON")
     p.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .errors import PetlError
+
+    try:
+        return args.func(args)
+    except PetlError as error:
+        print(f"petl-tpr {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

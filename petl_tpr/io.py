@@ -38,9 +38,13 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
     injection = get_injection(model)
     if injection is None:
         raise CheckpointError("this model has no adapters to save (call inject first)")
+    if injection.spec is None:
+        raise CheckpointError(f"every adapter ({', '.join(injection.merged_entries)}) was merged into the base "
+                              f"weights; there is nothing adapter-only left to save")
+    reserved = {"format", "format_version", "spec", "backbone", "merged_entries"}
+    if extra and reserved & set(extra):
+        raise CheckpointError(f"extra metadata may not use the reserved key(s) {sorted(reserved & set(extra))}")
     spec = injection.spec
-    if injection.merged_entries:
-        spec = Spec(tuple(e for e in spec.entries if e.name not in injection.merged_entries))
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),

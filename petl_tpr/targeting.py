@@ -56,8 +56,10 @@ def _describe(backbone: Backbone) -> str:
 def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attachment]) -> list[PlannedSite]:
     """Every attachment the spec asks for, in spec order. Raises SpecError on anything wrong."""
     taken: dict[tuple[str, str], list[Attachment]] = {}
+    stored: dict[tuple[str, str, str | None], Attachment] = {}
     for att in existing:
         taken.setdefault((att.key, att.slot), []).append(att)
+        stored[(att.home, att.container, att.param)] = att
     planned: list[PlannedSite] = []
     for entry in spec.entries:
         method = METHODS[entry.method]
@@ -81,6 +83,7 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
                 for role in entry.roles:
                     site = _site(model, blocks[i], role, slot, entry)
                     _check_free(site, taken)
+                    _check_name(site.attachment, stored)
                     taken.setdefault((site.attachment.key, slot), []).append(site.attachment)
                     planned.append(site)
                     count += 1
@@ -99,3 +102,12 @@ def _check_free(site: PlannedSite, taken: dict[tuple[str, str], list[Attachment]
         if site.entry.compose != "add":
             raise SpecError(f"{att.key} already has {other.method!r} (entry {other.entry!r}) in its {att.slot} slot; "
                             f"set compose='add' on entry {site.entry.name!r} to sum both, or target other sites")
+
+
+def _check_name(att: Attachment, stored: dict[tuple[str, str, str | None], Attachment]) -> None:
+    """Two adapters registered under one name on one module would overwrite each other."""
+    other = stored.get((att.home, att.container, att.param))
+    if other is not None:
+        raise SpecError(f"{att.key}: entries {other.entry!r} ({other.slot}) and {att.entry!r} ({att.slot}) would both "
+                        f"be stored as {att.container!r}; give one of them another name")
+    stored[(att.home, att.container, att.param)] = att

@@ -9,7 +9,7 @@ from torch import nn
 import petl_tpr as pt
 from petl_tpr.methods.lora import LoRA
 
-from conftest import assert_no_petl_traces, assert_state_equal, family_example, state_snapshot
+from conftest import assert_no_petl_traces, assert_state_equal, family_example, perturb, state_snapshot
 
 
 @pytest.fixture
@@ -147,3 +147,49 @@ def test_second_inject_on_parametrized_attention(family):
     assert {a.role for a in pt.api.get_injection(model).attachments} == {"q", "v"}
     pt.eject(model)
     assert_no_petl_traces(model)
+
+
+def test_deepcopy_of_parametrized_model_is_independent():
+    """torch's parametrize shares a generated class between a module and its deepcopy."""
+    import copy
+
+    model, run = family_example("open_clip")
+    pt.inject(model, _entry(method="lora", config={"roles": ["q", "o"]}))
+    perturb(model)
+    with torch.no_grad():
+        expected = run(model)
+    twin = copy.deepcopy(model)
+    pt.eject(twin)
+    assert_no_petl_traces(twin)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), expected, atol=0, rtol=0)
+    twin2 = copy.deepcopy(model)
+    pt.merge(twin2)
+    with torch.no_grad():
+        torch.testing.assert_close(run(twin2), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(model), expected, atol=0, rtol=0)
+    pt.eject(model)
+    assert_no_petl_traces(model)
+
+
+def test_same_name_in_two_slots_of_one_site(clip):
+    model, _, before = clip
+    spec = pt.Spec.from_dict({"entries": [{"method": "adapter", "name": "x"},
+                                          {"method": "adapter", "name": "x", "config": {"mode": "parallel"}}]})
+    with pytest.raises(pt.SpecError, match="would both be stored as 'x'"):
+        pt.inject(model, spec)
+    assert_state_equal(before, model)
+    assert_no_petl_traces(model)
+
+
+def test_lora_alpha_with_learnable_scale_is_refused():
+    with pytest.raises(pt.SpecError, match="alpha is unused"):
+        pt.Spec.from_dict({"entries": [{"method": "lora", "config": {"scaling": "learnable", "alpha": 16}}]})
+
+
+def test_cli_reports_bad_input_without_traceback(capsys):
+    from petl_tpr.cli import main
+
+    assert main(["inspect", "no-such-preset", "--small"]) == 2
+    err = capsys.readouterr().err
+    assert "SpecError: unknown preset 'no-such-preset'" in err and "Traceback" not in err

@@ -136,3 +136,35 @@ def test_save_after_merge_keeps_only_unmerged_entries(tmp_path):
     assert all(".l_adapter." in k for k in tensors)
     assert [e.method for e in pt.Spec.from_json(meta["spec"]).entries] == ["l-adapter"]
     assert json.loads(meta["merged_entries"]) == ["lora"]
+
+
+def test_save_after_merging_everything_is_refused(tmp_path):
+    model, _ = family_example("hf_clip")
+    pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "lora"}]}))
+    pt.merge(model)
+    with pytest.raises(pt.CheckpointError, match="nothing adapter-only left"):
+        pt.save_adapters(model, tmp_path / "x.safetensors")
+
+
+def test_merge_then_inject_same_name_saves_and_reloads(tmp_path):
+    model, run = family_example("hf_clip")
+    pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "lora", "config": {"roles": ["q"]}}]}))
+    perturb(model)
+    pt.merge(model)
+    merged_base = state_snapshot(model)
+    pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "lora", "config": {"roles": ["v"]}}]}))
+    perturb(model, seed=1)
+    path = pt.save_adapters(model, tmp_path / "m.safetensors")
+    fresh, _ = family_example("hf_clip")
+    fresh.load_state_dict({k: v for k, v in merged_base.items()})
+    pt.load_adapters(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh), run(model), atol=0, rtol=0)
+
+
+def test_extra_metadata_cannot_overwrite_reserved_keys(saved, tmp_path):
+    model, _ = saved
+    with pytest.raises(pt.CheckpointError, match="reserved"):
+        pt.save_adapters(model, tmp_path / "e.safetensors", extra={"spec": "{}"})
+    path = pt.save_adapters(model, tmp_path / "e.safetensors", extra={"run": "cuhk-1"})
+    assert pio.read_adapters(path)[1]["run"] == "cuhk-1"

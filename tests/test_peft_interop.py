@@ -22,7 +22,8 @@ ATOL = 1e-5
 
 
 def lora_entry(**config):
-    return {"method": "lora", "config": {"rank": 4, "alpha": 8, "roles": ["q", "v"], **config}}
+    alpha = {} if config.get("scaling") == "learnable" else {"alpha": 8}
+    return {"method": "lora", "config": {"rank": 4, **alpha, "roles": ["q", "v"], **config}}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ LAYOUT = BlockLayout(
     attn_out="attention.output.dense",
     mlp_in="intermediate",
     mlp_out="output.dense",
-    post_norm=True,
 )
 
 

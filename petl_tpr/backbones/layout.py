@@ -75,7 +75,6 @@ class BlockLayout:
     attn_out: str
     mlp_in: str
     mlp_out: str
-    post_norm: bool = False
     attn_check: Callable[[nn.Module], bool] = lambda module: True
 
     def projection(self, role: str) -> ProjectionRef:

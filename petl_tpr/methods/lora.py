@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.layout import PROJECTION_ROLES
+from ..errors import SpecError
 from ..registry import register_method
 from .base import Method, check_choice, check_positive, check_roles
 
@@ -32,9 +33,10 @@ class LoRAConfig:
         check_positive(self, "rank", "alpha")
         check_choice(self, "scaling", ("alpha/r", "learnable"))
         check_roles(self, PROJECTION_ROLES)
+        if self.scaling == "learnable" and self.alpha is not None:
+            raise SpecError("LoRAConfig: alpha is unused with scaling='learnable' (the scale is a learnable scalar "
+                            "starting at init_scale); leave alpha unset")
         if not 0.0 <= self.dropout < 1.0:
-            from ..errors import SpecError
-
             raise SpecError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
