@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .api import adapter_parameters, eject, get_injection, inject
@@ -75,13 +75,11 @@ def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}") from None
-    metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is a safetensors file but not a petl_tpr adapter file "
                               f"(metadata format={metadata.get('format')!r})")
