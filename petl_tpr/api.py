@@ -126,6 +126,8 @@ def merge(model: nn.Module) -> list[str]:
     for att in merged:
         fold(model, att)
     injection.attachments = [a for a in injection.attachments if a not in merged]
+    if injection.spec is None:      # everything was merged by an earlier call
+        return []
     kept = tuple(e for e in injection.spec.entries if not METHODS[e.method].mergeable)
     injection.merged_entries += [e.name for e in injection.spec.entries if METHODS[e.method].mergeable]
     injection.spec = Spec(kept) if kept else None

@@ -168,3 +168,14 @@ def test_extra_metadata_cannot_overwrite_reserved_keys(saved, tmp_path):
         pt.save_adapters(model, tmp_path / "e.safetensors", extra={"spec": "{}"})
     path = pt.save_adapters(model, tmp_path / "e.safetensors", extra={"run": "cuhk-1"})
     assert pio.read_adapters(path)[1]["run"] == "cuhk-1"
+
+
+def test_merge_again_after_everything_was_merged():
+    model, run = family_example("hf_clip")
+    pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "lora"}]}))
+    perturb(model)
+    assert pt.merge(model)
+    with torch.no_grad():
+        merged = run(model)
+        assert pt.merge(model) == []
+        assert torch.equal(run(model), merged)
