@@ -75,7 +75,8 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [])
-    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    # taken before attaching: parametrizing renames a weight in named_parameters()
+    requires = {name: p.requires_grad for name, p in model.named_parameters()} if prior is None else {}
     done: list[Attachment] = []
     try:
         for site in planned:

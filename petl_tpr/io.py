@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .api import adapter_parameters, eject, get_injection, inject
+from .atomic import write_atomic
 from .backbones.discover import discover
 from .errors import CheckpointError, SpecError
 from .spec import Spec
@@ -54,19 +54,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
         **(extra or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..api import get_injection
+from ..atomic import write_atomic
 from ..attach import adapter_module
 from ..errors import InjectionError
 from ..methods.lora import LoRADelta
@@ -134,19 +134,6 @@ def peft_state_dict(sites: list[_Site]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_atomic(directory: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_peft(model: nn.Module, directory: str | os.PathLike, *, ignore_other_methods: bool = False) -> Path:
     """Write the LoRA adapters of `model` as a PEFT LoRA adapter directory; returns the directory.
 
@@ -165,6 +152,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, ignore_other_
     def write_config(tmp: str) -> None:
         Path(tmp).write_text(text)
 
-    _write_atomic(directory, WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomic(directory, CONFIG_NAME, write_config)
+    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG_NAME, write_config)
     return directory
