@@ -31,7 +31,7 @@ def image_features(m):
 
 
 model = build()
-pt.inject(model, pt.Spec.preset("up-person", without=("s-prefix",)))
+pt.inject(model, pt.Spec.preset("up-person"))
 with torch.no_grad():                       # stand-in for training: move the adapters off zero
     for p in model.parameters():
         if p.requires_grad:
@@ -45,5 +45,5 @@ with torch.no_grad():
     print("reloaded max diff:", (image_features(fresh) - trained).abs().max().item())
     print("merged:", len(pt.merge(fresh)), "LoRA deltas folded into base weights")
     print("merged max diff:", (image_features(fresh) - trained).abs().max().item())
-pt.eject(fresh)                              # L-Adapters removed too; merged weights stay merged
+pt.eject(fresh)                              # S-Prefix and L-Adapters removed too; merged weights stay merged
 print("after eject:", len(pt.adapter_state_dict(fresh)), "adapter tensors left; requires_grad flags as before inject")

@@ -10,8 +10,10 @@ Two mechanisms, chosen by what is at the site:
   conventions, `isinstance` checks and base state-dict keys are untouched, and PyTorch's fused
   TransformerEncoderLayer fast path, which would bypass a replaced module, switches itself off
   when a submodule has hooks.
-- Raw weights the owner never calls (MultiheadAttention's `in_proj_weight` and `out_proj.weight`):
-  a `WeightDeltas` parametrization returns `W + delta` placed at the projection's rows.
+- Attention takeover (`petl_tpr.attention`): key/value prefixes (slot `kv`), and deltas on
+  projections stored as raw weights that the owner never calls as a module (MultiheadAttention's
+  `in_proj_weight` and `out_proj.weight`), are applied by the attention module itself once its
+  forward is routed through the family's convention. The weights themselves are never changed.
 
 A parallel adapter whose branch input belongs to another module (post-norm BERT, the feed-forward
 of nn.TransformerEncoderLayer) gets an `InputTap` pre-hook on that module.
@@ -24,11 +26,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .errors import InjectionError
+from .attention import CONVENTIONS, release, state_of, take_over
+from .errors import InjectionError, PetlError
 
-SLOTS = ("delta", "parallel", "post")
+SLOTS = ("delta", "parallel", "post")        # applied by SiteHook, in this order; "kv" by the takeover
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,15 @@ class Attachment:
     branch: str
     layer: int
     role: str
-    slot: str                      # "delta" | "parallel" | "post"
+    slot: str                      # "delta" | "parallel" | "post" | "kv"
     owner: str                     # path of the hooked module or of the parameter owner
     container: str                 # attribute of `home` (or WeightDeltas key) holding the adapter
     home: str = ""                 # module the adapter is registered on (see `home_of`)
-    param: str | None = None       # parametrized parameter name, None for module sites
+    param: str | None = None       # raw weight the delta applies to, None for module sites
     rows: tuple[int, int] | None = None
     source: str | None = None      # module whose input feeds a parallel adapter, when not `owner`
+    attention: str | None = None   # attention module taken over to apply this adapter (kv, raw-weight deltas)
+    convention: str | None = None  # its takeover convention
 
     @property
     def state_prefix(self) -> str:
@@ -110,11 +114,20 @@ class SiteHook:
     `parameters()`, `.to()` and `state_dict()` see them; deepcopy keeps the two references one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, site: str = "") -> None:
         self.items: list[tuple[str, nn.Module, tuple[int, int] | None, InputTap | None]] = []
         self.handle: Any = None
+        self.site = site
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        try:
+            return self._apply(module, args, kwargs, output)
+        except PetlError as error:   # say where: the adapter itself does not know its site
+            if self.site and not str(error).startswith(self.site):
+                raise type(error)(f"{self.site}: {error}") from error
+            raise
+
+    def _apply(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         is_seq = isinstance(output, (tuple, list))
         out = output[0] if is_seq else output
         if not isinstance(out, torch.Tensor):
@@ -135,77 +148,24 @@ class SiteHook:
         return out
 
 
-class WeightDeltas(nn.Module):
-    """Parametrization `W (out, in) -> W + delta_i.delta_weight()` at each delta's rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deltas = nn.ModuleDict()
-        self.rows: dict[str, tuple[int, int] | None] = {}
-        self.param_order: list[str] = []   # the owner's parameter order before parametrization
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        for name, delta in self.deltas.items():
-            weight = _add_rows(weight.T, delta.delta_weight().to(weight.dtype).T, self.rows[name]).T
-        return weight
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before its parametrizations change.
-
-    torch.nn.utils.parametrize keeps each parametrized tensor as a property on a class generated
-    for the module; `copy.deepcopy` shares that class between the original and the copy, so
-    removing (or adding) a parametrization on one would change the other. A private copy of the
-    class keeps the two independent.
-    """
-    if not parametrize.is_parametrized(module):
-        return
-    cls = type(module)
-    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-
-
-def _restore_order(params: dict, order: list[str]) -> None:
-    """Put parameters back in their registration order (remove_parametrizations appends at the end)."""
-    items = dict(params)
-    params.clear()
-    params.update((k, items[k]) for k in order + [k for k in items if k not in order])
-
-
 def _site_hook(module: nn.Module) -> SiteHook | None:
     return next((h for h in module._forward_hooks.values() if isinstance(h, SiteHook)), None)
 
 
-def _weight_deltas(owner: nn.Module, param: str) -> WeightDeltas | None:
-    if not parametrize.is_parametrized(owner, param):
-        return None
-    return next((p for p in owner.parametrizations[param] if isinstance(p, WeightDeltas)), None)
-
-
 def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
     """Plug `adapter` in as described by `att`. Raises InjectionError on a name clash."""
-    owner = model.get_submodule(att.owner)
-    if att.param is not None:
-        if not hasattr(adapter, "delta_weight"):
-            raise InjectionError(f"{att.method} cannot change the raw weight {att.owner}.{att.param}: "
-                                 f"it has no weight form (only mergeable deltas can)")
-        deltas = _weight_deltas(owner, att.param)
-        if deltas is None:
-            deltas = WeightDeltas()
-            deltas.param_order = list(owner._parameters)
-            _own_class(owner)
-            parametrize.register_parametrization(owner, att.param, deltas)
-        if att.container in deltas.deltas:
-            raise InjectionError(f"{att.key} already has an adapter named {att.container!r}")
-        deltas.deltas[att.container] = adapter
-        deltas.rows[att.container] = att.rows
-        return
     home = model.get_submodule(att.home)
     if hasattr(home, att.container):
         raise InjectionError(f"{att.home or type(model).__name__} already has an attribute named {att.container!r}")
+    if att.attention is not None:
+        state = take_over(model.get_submodule(att.attention), CONVENTIONS[att.convention])
+        home.add_module(att.container, adapter)
+        state.add(att.slot, att.role, att.rows, adapter)
+        return
+    owner = model.get_submodule(att.owner)
     hook = _site_hook(owner)
     if hook is None:
-        hook = SiteHook()
+        hook = SiteHook(att.owner)
         hook.handle = owner.register_forward_hook(hook, with_kwargs=True)
     home.add_module(att.container, adapter)
     tap = None
@@ -217,32 +177,27 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
 
 def adapter_module(model: nn.Module, att: Attachment) -> nn.Module:
     """The live adapter module of an attachment."""
-    if att.param is not None:
-        return _weight_deltas(model.get_submodule(att.owner), att.param).deltas[att.container]
     return getattr(model.get_submodule(att.home), att.container)
 
 
 def detach(model: nn.Module, att: Attachment) -> None:
     """Take an attachment out; the site is left exactly as before `attach`."""
-    owner = model.get_submodule(att.owner)
-    if att.param is not None:
-        deltas = _weight_deltas(owner, att.param)
-        del deltas.deltas[att.container]
-        del deltas.rows[att.container]
-        if not len(deltas.deltas):
-            _own_class(owner)
-            parametrize.remove_parametrizations(owner, att.param, leave_parametrized=False)
-            _restore_order(owner._parameters, deltas.param_order)
-        return
     adapter = adapter_module(model, att)
-    hook = _site_hook(owner)
-    for item in [item for item in hook.items if item[1] is adapter]:
-        if item[3] is not None:
-            item[3].handle.remove()
-        hook.items.remove(item)
+    if att.attention is not None:
+        attention = model.get_submodule(att.attention)
+        state = state_of(attention)
+        state.remove(adapter)
+        if state.empty:
+            release(attention)
+    else:
+        hook = _site_hook(model.get_submodule(att.owner))
+        for item in [item for item in hook.items if item[1] is adapter]:
+            if item[3] is not None:
+                item[3].handle.remove()
+            hook.items.remove(item)
+        if not hook.items:
+            hook.handle.remove()
     delattr(model.get_submodule(att.home), att.container)
-    if not hook.items:
-        hook.handle.remove()
 
 
 @torch.no_grad()
@@ -250,12 +205,7 @@ def fold(model: nn.Module, att: Attachment) -> None:
     """Add a delta's weight into the base weight at its rows, then detach it."""
     adapter = adapter_module(model, att)
     owner = model.get_submodule(att.owner)
-    if att.param is None:
-        weight = owner.weight
-    elif parametrize.is_parametrized(owner, att.param):
-        weight = owner.parametrizations[att.param].original
-    else:
-        weight = getattr(owner, att.param)
+    weight = getattr(owner, att.param or "weight")
     target = weight if att.rows is None else weight[att.rows[0]:att.rows[1]]
     target += adapter.delta_weight().to(weight.dtype)
     detach(model, att)

@@ -19,3 +19,7 @@ class InjectionError(PetlError):
 
 class CheckpointError(PetlError):
     """An adapter file is unreadable or does not fit the model it is loaded into."""
+
+
+class InputError(PetlError, ValueError):
+    """A model input does not fit an adapted module (a mask shape the family never produces...)."""

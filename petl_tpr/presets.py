@@ -32,6 +32,8 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "lora": [{"method": "lora", "config": {"rank": 32, "alpha": 32, "roles": ["q", "v"]}}],
     "adapter": [{"method": "adapter", "config": {"reduction": 8, "mode": "sequential"}}],
     "l-adapter": [{"method": "l-adapter", "config": {"reduction": 8}}],
+    "prefix": [{"method": "prefix", "config": {"length": 10}}],
+    "s-prefix": [{"method": "s-prefix", "config": {"length": 10, "boost_init": 10.0}}],
     "up-person": _up_person("cuhk-pedes"),
     **{f"up-person:{dataset}": _up_person(dataset) for dataset in _UP_PERSON},
 }

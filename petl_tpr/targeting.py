@@ -22,15 +22,38 @@ class PlannedSite:
     out_dim: int
 
 
+def _takeover(model: nn.Module, block: Block, entry: MethodEntry, why: str) -> tuple[str, str]:
+    """(attention path, convention) of a block whose attention must be taken over, or SpecError."""
+    path = block.module_path(block.layout.attn)
+    if block.layout.attention is None:
+        module = model.get_submodule(path)
+        raise SpecError(f"entry {entry.name!r} ({entry.method}) needs to take over the attention {path!r} "
+                        f"({type(module).__name__}, family {block.family}) {why}, but that family has no takeover "
+                        f"convention; see docs/adding.md")
+    return path, block.layout.attention
+
+
 def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEntry) -> PlannedSite:
     common = dict(entry=entry.name, method=entry.method, branch=block.branch, layer=block.index, role=role, slot=slot)
     if slot == "delta":
         proj = block.projections[role]
-        container = entry.name if proj.rows is None else f"{entry.name}_{role}"
-        home, container = home_of(model, proj.owner, container) if proj.param is None else (proj.owner, container)
-        att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
-                         rows=proj.rows, **common)
+        if proj.param is None:
+            container = entry.name if proj.rows is None else f"{entry.name}_{role}"
+            home, container = home_of(model, proj.owner, container)
+            att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
+                             rows=proj.rows, **common)
+        else:   # a raw weight the module reads itself: the takeover applies the delta to activations
+            attention, convention = _takeover(model, block, entry, f"to change the raw weight {proj.param}")
+            home, container = home_of(model, attention, f"{entry.name}_{role}")
+            att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
+                             rows=proj.rows, attention=attention, convention=convention, **common)
         return PlannedSite(att, entry, proj.in_dim, proj.out_dim)
+    if slot == "kv":
+        attention, convention = _takeover(model, block, entry, "to add key/value prefixes")
+        home, container = home_of(model, attention, entry.name)
+        att = Attachment(key=attention, owner=attention, container=container, home=home, attention=attention,
+                         convention=convention, **common)
+        return PlannedSite(att, entry, block.dim, block.dim)
     layout = block.layout
     if role in NORM_ROLES:
         owner, source = block.module_path(getattr(layout, role)), None
@@ -46,7 +69,8 @@ def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEnt
 
 
 def _roles_for_slot(slot: str) -> tuple[str, ...]:
-    return {"delta": PROJECTION_ROLES, "parallel": NORM_ROLES + BRANCH_ROLES, "post": BRANCH_ROLES}[slot]
+    return {"delta": PROJECTION_ROLES, "parallel": NORM_ROLES + BRANCH_ROLES, "post": BRANCH_ROLES,
+            "kv": ("attn",)}[slot]
 
 
 def _describe(backbone: Backbone) -> str:

@@ -10,6 +10,7 @@ from petl_tpr.compat import ensure_torchvision_importable
 ensure_torchvision_importable()
 
 import petl_tpr as pt  # noqa: E402
+from petl_tpr.attention import is_taken_over  # noqa: E402
 from petl_tpr.registry import FAMILIES, METHODS  # noqa: E402
 
 
@@ -60,3 +61,5 @@ def assert_no_petl_traces(model: torch.nn.Module) -> None:
         assert not module._forward_hooks, f"forward hook left on {name}"
         assert not module._forward_pre_hooks, f"pre-hook left on {name}"
         assert not hasattr(module, "parametrizations"), f"parametrization left on {name}"
+        assert not is_taken_over(module) and not hasattr(type(module), "_petl_original_class"), \
+            f"attention takeover left on {name}"

@@ -40,7 +40,7 @@ def test_bad_selectors_name_what_exists_and_touch_nothing(clip, entry, fragment)
 
 
 @pytest.mark.parametrize("data,fragment", [
-    ({"entries": [{"method": "dora"}]}, "available methods: adapter, l-adapter, lora"),
+    ({"entries": [{"method": "dora"}]}, "available methods: adapter, l-adapter, lora, "),
     ({"entries": [{"method": "lora", "config": {"rank": 0}}]}, "rank must be > 0"),
     ({"entries": [{"method": "lora", "config": {"rnk": 4}}]}, "no field(s) ['rnk']"),
     ({"entries": [{"method": "lora", "config": {"roles": ["qq"]}}]}, "unknown role(s) ['qq']"),
@@ -131,16 +131,20 @@ def test_eject_or_merge_without_injection():
         pt.merge(model)
 
 
-def test_unknown_preset_and_missing_method():
+def test_unknown_preset_and_missing_method(monkeypatch):
+    from petl_tpr.presets import PRESETS
+
     with pytest.raises(pt.SpecError, match="presets: adapter"):
         pt.Spec.preset("up-persons")
+    monkeypatch.setitem(PRESETS, "future", [{"method": "not-yet"}, {"method": "lora"}])
     with pytest.raises(pt.SpecError, match="needs method"):
-        pt.Spec.preset("up-person")
+        pt.Spec.preset("future")
+    assert [e.method for e in pt.Spec.preset("future", without=("not-yet",)).entries] == ["lora"]
 
 
 @pytest.mark.parametrize("family", ["open_clip", "torch_mha", "torchvision_vit"])
-def test_second_inject_on_parametrized_attention(family):
-    """Regression: a parametrized in_proj_weight is a plain Tensor; discovery must still match the block."""
+def test_second_inject_on_taken_over_attention(family):
+    """A second inject on an attention already taken over adds to the same takeover."""
     model, run = family_example(family)
     pt.inject(model, _entry(method="lora", config={"roles": ["q"]}))
     pt.inject(model, _entry(method="lora", name="second", config={"roles": ["v"]}))
@@ -149,8 +153,8 @@ def test_second_inject_on_parametrized_attention(family):
     assert_no_petl_traces(model)
 
 
-def test_deepcopy_of_parametrized_model_is_independent():
-    """torch's parametrize shares a generated class between a module and its deepcopy."""
+def test_deepcopy_of_taken_over_model_is_independent():
+    """The takeover swaps a module's class: a deepcopy must be ejected and merged on its own."""
     import copy
 
     model, run = family_example("open_clip")

@@ -13,7 +13,7 @@ from petl_tpr.quickstart import build_clip_b16
 from petl_tpr.quickstart import run as run_quickstart
 
 CLIP_B16_PARAMS = 149_620_737
-UP_PERSON_PARTS = {"lora": 1_966_128, "l_adapter": 5_146_416}
+UP_PERSON_PARTS = {"s_prefix": 307_272, "lora": 1_966_128, "l_adapter": 5_146_416}  # REFERENCE.md sec. 1
 
 
 def _open_clip_b16():
@@ -25,14 +25,15 @@ def _open_clip_b16():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build", [build_clip_b16, _open_clip_b16], ids=["transformers", "open_clip"])
-def test_up_person_lora_and_l_adapter_counts(build):
+def test_up_person_counts(build):
     model = build()
     assert sum(p.numel() for p in model.parameters()) == CLIP_B16_PARAMS
-    pt.inject(model, pt.Spec.preset("up-person", without=("s-prefix",)))
+    pt.inject(model, "up-person")
     s = pt.summary(model)
     assert s.by_method() == UP_PERSON_PARTS
+    assert s.trainable == 7_419_816 and f"{s.percent:.1f}%" == "4.7%"
     assert s.frozen == CLIP_B16_PARAMS
-    assert s.by_branch() == {"vision": 1_179_672 + 3_559_704, "text": 786_456 + 1_586_712}
+    assert s.by_branch() == {"vision": 184_356 + 1_179_672 + 3_559_704, "text": 122_916 + 786_456 + 1_586_712}
 
 
 @pytest.mark.slow
@@ -40,8 +41,8 @@ def test_quickstart_cli_full_size(tmp_path):
     done = subprocess.run([sys.executable, "-m", "petl_tpr", "quickstart", "--out", str(tmp_path), "--batch", "2"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "7,112,544" in done.stdout and "-> OK" in done.stdout
-    assert (tmp_path / "up_person_lora_ladapter.safetensors").is_file()
+    assert "7,419,816" in done.stdout and "4.72%" in done.stdout and "-> OK" in done.stdout
+    assert (tmp_path / "up_person.safetensors").is_file()
 
 
 def test_quickstart_small_reloads_exactly(tmp_path):

@@ -24,6 +24,7 @@ LAYOUT = BlockLayout(
     attn_out="attention.output.dense",
     mlp_in="intermediate",
     mlp_out="output.dense",
+    attention="hf",
 )
 
 

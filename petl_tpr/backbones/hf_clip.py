@@ -21,6 +21,7 @@ LAYOUT = BlockLayout(
     attn_out="self_attn",
     mlp_in="mlp",
     mlp_out="mlp",
+    attention="hf",
 )
 
 

@@ -22,9 +22,11 @@ LAYOUT_V5 = BlockLayout(
     attn_out="attention",
     mlp_in="mlp",
     mlp_out="mlp",
+    attention="hf",
 )
 
 # transformers 4.x: attention.attention.{query,key,value}, attention.output.dense, intermediate/output.
+# Its self-attention takes (hidden_states, head_mask, output_attentions): no takeover convention.
 LAYOUT_V4 = BlockLayout(
     attn="attention.attention",
     q=ProjectionRef("attention.attention.query"),

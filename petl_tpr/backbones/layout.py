@@ -4,7 +4,8 @@ A `BlockLayout` maps roles to paths inside one block:
 - projections `q`, `k`, `v`, `o`, `fc1`, `fc2` (a `ProjectionRef`: a Linear, a row slice of a fused
   Linear, or a row slice of a raw weight Parameter such as `in_proj_weight`);
 - norms `norm1`, `norm2`;
-- the attention module `attn`;
+- the attention module `attn`, and `attention`, the name of the convention that can take it over
+  (`hf`, `mha`, `timm`; None when the family's attention cannot be taken over);
 - branch entry and exit points `attn_in`/`attn_out`, `mlp_in`/`mlp_out`: the input of the
   `*_in` module is the branch input and the output of the `*_out` module is the branch output before
   the residual addition (they are one module where the family has a self-contained attention or MLP).
@@ -76,6 +77,7 @@ class BlockLayout:
     mlp_in: str
     mlp_out: str
     attn_check: Callable[[nn.Module], bool] = lambda module: True
+    attention: str | None = None    # takeover convention of `attn` (petl_tpr.attention.CONVENTIONS)
 
     def projection(self, role: str) -> ProjectionRef:
         return getattr(self, role)

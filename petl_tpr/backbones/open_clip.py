@@ -22,6 +22,7 @@ LAYOUT = BlockLayout(
     mlp_in="mlp",
     mlp_out="mlp",
     attn_check=is_mha,
+    attention="mha",
 )
 
 

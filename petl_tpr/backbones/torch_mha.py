@@ -32,6 +32,7 @@ ENCODER_LAYER = BlockLayout(
     mlp_in="linear1",
     mlp_out="linear2",
     attn_check=is_mha,
+    attention="mha",
 )
 
 # torchvision.models.vision_transformer.EncoderBlock: mlp is Sequential(Linear, GELU, Dropout, Linear, Dropout).
@@ -47,6 +48,7 @@ TORCHVISION_BLOCK = BlockLayout(
     mlp_in="mlp",
     mlp_out="mlp",
     attn_check=is_mha,
+    attention="mha",
 )
 
 

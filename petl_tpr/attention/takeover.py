@@ -1,0 +1,139 @@
+"""Attention takeover: one attention module computes through `attend` while adapters need it.
+
+The module stays where it is, with its parameters, buffers, attribute names and state-dict keys;
+only its class is swapped for a generated subclass whose `forward` hands the call to the family's
+`Convention` (the same technique `torch.nn.utils.parametrize` uses). `isinstance` checks keep
+working, and `release` puts the original class back. The subclass is generated once per original
+class and never changed afterwards, so a `copy.deepcopy` of a taken-over model can be released
+independently of the original.
+
+A no-op forward pre-hook marks the module: PyTorch's fused TransformerEncoderLayer path reads the
+attention weights directly and would bypass the takeover; it switches itself off when any
+submodule has hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InjectionError
+
+STATE_ATTR = "_petl_takeover"
+_CLASSES: dict[type, type] = {}
+
+
+class Convention:
+    """How one family's attention module is called; subclasses implement `forward` with `attend`.
+
+    `check(module)` raises InjectionError when this particular module cannot be taken over (an
+    option the convention does not reproduce); `describe` names what it supports.
+    """
+
+    name: str = ""
+    describe: str = ""
+
+    def check(self, module: nn.Module) -> None:
+        """Raise InjectionError if `module` uses an option this convention does not reproduce."""
+
+    def forward(self, module: nn.Module, state: "TakeoverState", *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class TakeoverState:
+    """What a taken-over module applies: projection deltas by role and key/value prefixes.
+
+    `deltas[role]` are `(rows, adapter)` pairs for projections stored as raw weights (the module
+    reads them without calling a Linear); Linear-stored projections keep their own forward hooks.
+    `prefixes` are modules whose `forward()` returns `(key (L, d), value (L, d))`.
+    """
+
+    convention: Convention
+    deltas: dict[str, list[tuple[tuple[int, int] | None, nn.Module]]] = field(default_factory=dict)
+    prefixes: list[nn.Module] = field(default_factory=list)
+
+    def add(self, slot: str, role: str, rows: tuple[int, int] | None, adapter: nn.Module) -> None:
+        if slot == "kv":
+            self.prefixes.append(adapter)
+        else:
+            self.deltas.setdefault(role, []).append((rows, adapter))
+
+    def remove(self, adapter: nn.Module) -> None:
+        self.prefixes = [p for p in self.prefixes if p is not adapter]
+        for role in list(self.deltas):
+            self.deltas[role] = [d for d in self.deltas[role] if d[1] is not adapter]
+            if not self.deltas[role]:
+                del self.deltas[role]
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefixes and not self.deltas
+
+    def delta(self, role: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Sum of the deltas on projection `role` for its input `x (..., in)`; None when there are none."""
+        out = None
+        for _, adapter in self.deltas.get(role, ()):
+            term = adapter(x)
+            out = term if out is None else out + term
+        return out
+
+    def project(self, role: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x W^T + b` plus the deltas of `role`; `weight (out, in)` is that role's own rows."""
+        out = torch.nn.functional.linear(x, weight, bias)
+        delta = self.delta(role, x)
+        return out if delta is None else out + delta
+
+    def prefix_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [prefix() for prefix in self.prefixes]
+
+
+def _marker(module: nn.Module, args: tuple) -> None:
+    return None
+
+
+def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state: TakeoverState = self.__dict__[STATE_ATTR]
+    return state.convention.forward(self, state, *args, **kwargs)
+
+
+def _takeover_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _forward, "_petl_original_class": cls,
+                                                    "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _CLASSES[cls]
+
+
+def state_of(module: nn.Module) -> TakeoverState | None:
+    return module.__dict__.get(STATE_ATTR)
+
+
+def take_over(module: nn.Module, convention: Convention) -> TakeoverState:
+    """Route `module`'s forward through `convention` (idempotent: returns the existing state)."""
+    state = state_of(module)
+    if state is not None:
+        return state
+    convention.check(module)
+    state = TakeoverState(convention)
+    module.__class__ = _takeover_class(type(module))
+    module.__dict__[STATE_ATTR] = state
+    module.register_forward_pre_hook(_marker)
+    return state
+
+
+def release(module: nn.Module) -> None:
+    """Undo `take_over`: original class, no marker hook, no state."""
+    state = state_of(module)
+    if state is None:
+        raise InjectionError(f"{type(module).__name__} is not taken over")
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _marker]:
+        del module._forward_pre_hooks[key]
+    module.__class__ = type(module)._petl_original_class
+    del module.__dict__[STATE_ATTR]
+
+
+def is_taken_over(module: nn.Module) -> bool:
+    return STATE_ATTR in module.__dict__
