@@ -60,6 +60,8 @@ def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEnt
     elif slot == "parallel":
         owner = block.module_path(getattr(layout, f"{role}_out"))
         entry_point = block.module_path(getattr(layout, f"{role}_in"))
+        if METHODS[entry.method].reads == "stream" and layout.pre_norm(model.get_submodule(block.path)):
+            entry_point = block.module_path(layout.norm1 if role == "attn" else layout.norm2)
         source = entry_point if entry_point != owner else None
     else:
         owner, source = block.module_path(getattr(layout, f"{role}_out")), None

@@ -25,6 +25,7 @@ LAYOUT = BlockLayout(
     mlp_in="intermediate",
     mlp_out="output.dense",
     attention="hf",
+    pre_norm=lambda block: False,
 )
 
 

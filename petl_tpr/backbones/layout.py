@@ -8,7 +8,10 @@ A `BlockLayout` maps roles to paths inside one block:
   (`hf`, `mha`, `timm`; None when the family's attention cannot be taken over);
 - branch entry and exit points `attn_in`/`attn_out`, `mlp_in`/`mlp_out`: the input of the
   `*_in` module is the branch input and the output of the `*_out` module is the branch output before
-  the residual addition (they are one module where the family has a self-contained attention or MLP).
+  the residual addition (they are one module where the family has a self-contained attention or MLP);
+- `pre_norm(block)`: whether the norms come before the branches (the residual stream entering a
+  branch is then the input of `norm1`/`norm2`) or after the residual additions (BERT; the stream
+  is then the input of `attn_in`/`mlp_in`).
 
 A block matches a layout when every path exists with the right kind of module. Matching is
 structural, so any model built from the same pieces is recognised whatever its class is called.
@@ -78,6 +81,7 @@ class BlockLayout:
     mlp_out: str
     attn_check: Callable[[nn.Module], bool] = lambda module: True
     attention: str | None = None    # takeover convention of `attn` (petl_tpr.attention.CONVENTIONS)
+    pre_norm: Callable[[nn.Module], bool] = lambda block: True   # norms before the branches (given the block)
 
     def projection(self, role: str) -> ProjectionRef:
         return getattr(self, role)

@@ -33,6 +33,7 @@ ENCODER_LAYER = BlockLayout(
     mlp_out="linear2",
     attn_check=is_mha,
     attention="mha",
+    pre_norm=lambda block: bool(block.norm_first),
 )
 
 # torchvision.models.vision_transformer.EncoderBlock: mlp is Sequential(Linear, GELU, Dropout, Linear, Dropout).

@@ -6,7 +6,11 @@ the site's dimensions; `petl_tpr.attach` plugs that module in by the method's me
 - `delta`: the module maps a projection's input `(..., in_dim)` to an addition to its output rows
   `(..., out_dim)`; a mergeable delta also provides `delta_weight() -> (out_dim, in_dim)`.
 - `parallel`: the module maps the input of a branch (or of a norm) `(..., d)` to an addition to its
-  output `(..., d)`.
+  output `(..., d)`. With `reads = "stream"` a branch-parallel module reads the residual stream
+  entering the branch instead (before the branch's norm on pre-norm blocks), as the
+  mixture-of-adapters does.
+- `kv`: the module's `forward()` returns key/value prefixes `(L, d)` each; the attention module
+  is taken over (`petl_tpr.attention`) to use them.
 - `post`: the module maps the output of a branch `(..., d)` to an addition to that same output.
 
 Capabilities drive the contract tests: `identity_at_init` (the model's outputs are unchanged right
@@ -32,6 +36,7 @@ class Method:
     roles: ClassVar[tuple[str, ...]]
     identity_at_init: ClassVar[bool] = True
     mergeable: ClassVar[bool] = False
+    reads: ClassVar[str] = "branch"      # "branch" | "stream": the input of a branch-parallel module
 
     @classmethod
     def default_roles(cls, config: Any) -> tuple[str, ...]:

@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: machine description, interleaved timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine(device: str) -> dict[str, object]:
+    """What the numbers were measured on."""
+    info: dict[str, object] = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+                               "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                               "processor": platform.processor() or platform.machine()}
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(cases: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
+                     device: str = "cpu", progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Median and spread of each case's wall time (ms), the cases run round-robin in every repeat.
+
+    Interleaving keeps slow drifts of the machine (thermal, other load) out of the ratios.
+    """
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(repeats):
+        for name, fn in cases.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+        if progress:
+            progress(f"repeat {r + 1}/{repeats}")
+    return {name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "repeats": len(v)}
+            for name, v in samples.items()}
+
+
+def write_json(name: str, data: dict, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
