@@ -1,0 +1,1 @@
+"""Text-based person retrieval: data, tokenizer, transforms, losses and metrics."""
