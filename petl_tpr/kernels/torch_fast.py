@@ -1,0 +1,134 @@
+"""Fast plain-torch path of the routed mixture-of-adapters op, with a hand-written backward.
+
+Plan (one host synchronisation per call, whatever E is):
+1. sort the `N = T*k` (token, pick) assignments by expert id once; `bounds[e]:bounds[e+1]` is the
+   contiguous run of expert e. The bounds and the smallest/largest id reach the host in one transfer.
+2. per expert, on its run: gather its tokens `(n_e, d)`, two `addmm` calls, scale by the gates and
+   `index_add_` into y. Hidden activations go into one preallocated `(N, r)` buffer.
+3. backward, per expert: gather the upstream rows `dy_e (n_e, d)` once; with `P = dy_e W_up^T`
+   `(n_e, r)`: dgate = rowsum(a * P) + dy_e b_up, dW_up = (g a)^T dy_e, db_up = g^T dy_e,
+   dH = act'(h) * g * P, dW_down = x_e^T dH, db_down = colsum(dH), dx += dH W_down^T (index_add_).
+   The gate-scaled `(n_e, d)` gradient dO is never formed (the gate is folded into r-wide tensors),
+   and nothing `(N, d)` is saved: the forward keeps only the `(N, r)` activations; x_e is re-gathered.
+
+fp16/bf16 inputs are computed in fp32; y and every gradient come back in their input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .checks import check_id_range, check_inputs, compute_dtype
+
+
+def plan(expert_ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Sort the `(T, k)` assignments by expert.
+
+    Returns `order (N,)` (sorted position -> flat assignment index `t*k + j`), `token (N,)` (sorted
+    position -> token t) and `bounds` (E+1 ints on the host: expert e owns sorted positions
+    `bounds[e]:bounds[e+1]`). Raises RoutingError for ids outside [0, E). One device-to-host transfer.
+    """
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    if flat.numel() == 0:
+        return order, order, [0] * (E + 1)
+    edges = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device, dtype=flat.dtype))
+    host = torch.cat([edges, sorted_ids[:1], sorted_ids[-1:]]).tolist()
+    check_id_range(host[-2], host[-1], E)
+    return order, torch.div(order, k, rounding_mode="floor"), host[: E + 1]
+
+
+def _segments(bounds: list[int]):
+    """(expert, start, stop) of every expert that received at least one assignment."""
+    return [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if t > s]
+
+
+class RoutedAdaptersFunction(torch.autograd.Function):
+    """autograd.Function behind `routed_adapters_torch`; inputs already cast to the compute dtype.
+
+    Works expert by expert on contiguous runs of the sorted assignments, so every temporary is
+    `(n_e, d)` rather than `(N, d)`: on the CPU, fresh `(N, d)` buffers at DM-Adapter's sizes (tens of
+    MB) are page-faulted in on every call and cost more than the gathers themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, w_down, b_down, w_up, b_up, order, token, bounds, activation):
+        T, d = x.shape
+        n, r = token.numel(), w_down.shape[2]
+        segments = _segments(bounds)
+        gs = gates.reshape(-1).index_select(0, order)                   # (N,) gates in sorted order
+        h = torch.empty(n, r, dtype=x.dtype, device=x.device)           # (N, r) pre-activations
+        y = torch.zeros(T, d, dtype=x.dtype, device=x.device)
+        for e, s, t in segments:
+            idx = token[s:t]
+            h_e = torch.addmm(b_down[e], x.index_select(0, idx), w_down[e], out=h[s:t])
+            a_e = h_e.relu_() if activation == "relu" else F.gelu(h_e)
+            out = torch.addmm(b_up[e], a_e, w_up[e]).mul_(gs[s:t].unsqueeze(1))   # (n_e, d)
+            y.index_add_(0, idx, out)
+        # relu ran in place, so h holds the activations a; gelu keeps h and recomputes a later.
+        ctx.save_for_backward(x, gs, h, w_down, w_up, b_up, order, token)
+        ctx.segments, ctx.activation, ctx.k = segments, activation, gates.shape[1]
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, gs, h, w_down, w_up, b_up, order, token = ctx.saved_tensors
+        need_x, need_g, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
+        T, d = x.shape
+        E, _, r = w_down.shape
+        n, k = token.numel(), ctx.k
+        dy = dy.contiguous()
+        new = dict(dtype=dy.dtype, device=dy.device)
+        need_h = need_x or need_wd or need_bd
+        dx = torch.zeros(T, d, **new) if need_x else None
+        dgs = torch.empty(n, **new) if need_g else None
+        dwd = torch.zeros(E, d, r, **new) if need_wd else None
+        dbd = torch.zeros(E, r, **new) if need_bd else None
+        dwu = torch.zeros(E, r, d, **new) if need_wu else None
+        dbu = torch.zeros(E, d, **new) if need_bu else None
+        relu = ctx.activation == "relu"
+        for e, s, t in ctx.segments:
+            idx, g_e = token[s:t], gs[s:t].unsqueeze(1)                 # (n_e,), (n_e, 1)
+            a_e = h[s:t] if relu else F.gelu(h[s:t])                    # (n_e, r)
+            dys = dy.index_select(0, idx)                               # (n_e, d) upstream rows
+            p = dys @ w_up[e].t()                                       # (n_e, r) = dA / gate
+            if need_g:   # d gate = <dy, out> = <a, dy W_up^T> + <b_up, dy>
+                torch.addmv((a_e * p).sum(1), dys, b_up[e], out=dgs[s:t])
+            if need_wu:  # dW_up = (g a)^T dy
+                torch.mm((a_e * g_e).t(), dys, out=dwu[e])
+            if need_bu:  # db_up = g^T dy
+                torch.mv(dys.t(), g_e.squeeze(1), out=dbu[e])
+            if not need_h:
+                continue
+            d_h = p.mul_(g_e)
+            d_h = torch.ops.aten.threshold_backward(d_h, a_e, 0) if relu else torch.ops.aten.gelu_backward(d_h, h[s:t])
+            if need_bd:
+                torch.sum(d_h, 0, out=dbd[e])
+            if need_wd:
+                torch.mm(x.index_select(0, idx).t(), d_h, out=dwd[e])
+            if need_x:
+                dx.index_add_(0, idx, d_h @ w_down[e].t())
+        dgates = None
+        if need_g:
+            dgates = torch.empty(n, **new).index_copy_(0, order, dgs).view(T, k)
+        return dx, dgates, dwd, dbd, dwu, dbu, None, None, None, None
+
+
+def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
+                          b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, *,
+                          activation: str = "relu") -> torch.Tensor:
+    """`y_t = sum_j gates[t,j] * Ad_e(x_t)`, `e = expert_ids[t,j]`, sorted by expert; see the module doc.
+
+    x `(T, d)`, expert_ids `(T, k)` int64, gates `(T, k)`, w_down `(E, d, r)`, b_down `(E, r)`,
+    w_up `(E, r, d)`, b_up `(E, d)` -> y `(T, d)` in x's dtype.
+    """
+    dims = check_inputs(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation)
+    dtype = compute_dtype(x, gates, w_down, b_down, w_up, b_up)
+    order, token, bounds = plan(expert_ids, dims.E)
+    args = [t.to(dtype).contiguous() for t in (x, gates, w_down, b_down, w_up, b_up)]
+    y = RoutedAdaptersFunction.apply(*args, order, token, bounds, activation)
+    return y.to(x.dtype)
