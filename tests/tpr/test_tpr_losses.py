@@ -88,7 +88,7 @@ def test_identity_loss_init_and_formula():
     pids = torch.tensor([0, 3, 3, 49, 7, 0])
     w, b = head.classifier.weight, head.classifier.bias
     expected = (F.cross_entropy(image @ w.T + b, pids) + F.cross_entropy(text @ w.T + b, pids)) / 2
-    assert float(head(image, text, pids)) == pytest.approx(float(expected), rel=1e-6)
+    assert head(image, text, pids).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(TaskInputError, match="0..49"):
         head(image, text, torch.tensor([0, 1, 2, 3, 4, 50]))
     with pytest.raises(TaskInputError, match="num_ids"):
