@@ -99,11 +99,11 @@ def test_masked_token_loss():
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 5, 11, generator=gen, requires_grad=True)
     labels = torch.full((2, 5), -100)
-    assert float(masked_token_loss(logits, labels)) == 0.0
+    assert masked_token_loss(logits, labels).item() == 0.0
     labels[0, 1], labels[1, 4] = 3, 10
     expected = (F.cross_entropy(logits[0, 1], torch.tensor(3)) + F.cross_entropy(logits[1, 4], torch.tensor(10))) / 2
     loss = masked_token_loss(logits, labels)
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     with pytest.raises(TaskInputError):
         masked_token_loss(logits, labels[:, :3])
