@@ -81,7 +81,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     try:
         for site in planned:
             adapter = METHODS[site.entry.method].build(site.entry.config, in_dim=site.in_dim, out_dim=site.out_dim,
-                                                       branch=site.attachment.branch)
+                                                       branch=site.attachment.branch, **site.extra)
             attach(model, site.attachment, adapter.to(_site_device(model, site.attachment)))
             done.append(site.attachment)
     except BaseException:

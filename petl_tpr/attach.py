@@ -29,6 +29,7 @@ from torch import nn
 
 from .attention import CONVENTIONS, release, state_of, take_over
 from .errors import InjectionError, PetlError
+from .side import SideSite, attach_side, detach_side
 
 SLOTS = ("delta", "parallel", "post")        # applied by SiteHook, in this order; "kv" by the takeover
 
@@ -52,6 +53,7 @@ class Attachment:
     source: str | None = None      # module whose input feeds a parallel adapter, when not `owner`
     attention: str | None = None   # attention module taken over to apply this adapter (kv, raw-weight deltas)
     convention: str | None = None  # its takeover convention
+    side: SideSite | None = None   # taps and output of a side network (slot "side")
 
     @property
     def state_prefix(self) -> str:
@@ -162,6 +164,10 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
         home.add_module(att.container, adapter)
         state.add(att.slot, att.role, att.rows, adapter)
         return
+    if att.side is not None:
+        attach_side(model, adapter, att.side)
+        home.add_module(att.container, adapter)
+        return
     owner = model.get_submodule(att.owner)
     hook = _site_hook(owner)
     if hook is None:
@@ -183,7 +189,9 @@ def adapter_module(model: nn.Module, att: Attachment) -> nn.Module:
 def detach(model: nn.Module, att: Attachment) -> None:
     """Take an attachment out; the site is left exactly as before `attach`."""
     adapter = adapter_module(model, att)
-    if att.attention is not None:
+    if att.side is not None:
+        detach_side(adapter)
+    elif att.attention is not None:
         attention = model.get_submodule(att.attention)
         state = state_of(attention)
         state.remove(adapter)

@@ -34,6 +34,8 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "l-adapter": [{"method": "l-adapter", "config": {"reduction": 8}}],
     "prefix": [{"method": "prefix", "config": {"length": 10}}],
     "s-prefix": [{"method": "s-prefix", "config": {"length": 10, "boost_init": 10.0}}],
+    # UniPT (REFERENCE.md section 3): one side network per CLIP tower, width m = 512.
+    "unipt": [{"method": "unipt", "config": {"width": 512}, "where": {"branches": BOTH}}],
     "up-person": _up_person("cuhk-pedes"),
     **{f"up-person:{dataset}": _up_person(dataset) for dataset in _UP_PERSON},
 }

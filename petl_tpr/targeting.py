@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .attach import Attachment, home_of
 from .backbones.discover import Backbone
-from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block
+from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block, Branch
 from .errors import SpecError
-from .registry import METHODS
+from .registry import FAMILIES, METHODS
+from .side import SideSite
 from .spec import MethodEntry, Spec
 
 
@@ -20,6 +21,26 @@ class PlannedSite:
     entry: MethodEntry
     in_dim: int
     out_dim: int
+    extra: dict = field(default_factory=dict)   # more build() arguments of some mechanisms (side: taps)
+
+
+def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: MethodEntry) -> PlannedSite:
+    """One side network per branch: taps on the embedding output and the selected blocks' outputs."""
+    blocks = branch.blocks
+    first = blocks[0]
+    owner = branch.final_norm or blocks[-1].path
+    family = FAMILIES[first.family]
+    global_token = family.global_token(branch.name)
+    side = SideSite(first_block=first.path, taps=tuple(blocks[i].path for i in layers), owner=owner,
+                    ids=branch.token_embedding, global_token=global_token,
+                    batch_first=first.layout.batch_first(model.get_submodule(first.path)))
+    if global_token == "eot" and branch.token_embedding is None:
+        raise SpecError(f"entry {entry.name!r}: branch {branch.name!r} pools at the EOT token but no token embedding "
+                        f"feeds it")
+    home, container = home_of(model, owner, entry.name)
+    att = Attachment(key=branch.path, entry=entry.name, method=entry.method, branch=branch.name, layer=layers[-1],
+                     role="branch", slot="side", owner=owner, container=container, home=home, side=side)
+    return PlannedSite(att, entry, branch.dim, branch.dim, {"taps": len(layers) + 1})
 
 
 def _takeover(model: nn.Module, block: Block, entry: MethodEntry, why: str) -> tuple[str, str]:
@@ -72,7 +93,7 @@ def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEnt
 
 def _roles_for_slot(slot: str) -> tuple[str, ...]:
     return {"delta": PROJECTION_ROLES, "parallel": NORM_ROLES + BRANCH_ROLES, "post": BRANCH_ROLES,
-            "kv": ("attn",)}[slot]
+            "kv": ("attn",), "side": ("branch",)}[slot]
 
 
 def _describe(backbone: Backbone) -> str:
@@ -105,14 +126,16 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
                 layers = entry.where.layer_indices(len(blocks))
             except SpecError as error:
                 raise SpecError(f"entry {entry.name!r}, branch {branch_name!r}: {error}") from None
-            for i in layers:
-                for role in entry.roles:
-                    site = _site(model, blocks[i], role, slot, entry)
-                    _check_free(site, taken)
-                    _check_name(site.attachment, stored)
-                    taken.setdefault((site.attachment.key, slot), []).append(site.attachment)
-                    planned.append(site)
-                    count += 1
+            if slot == "side":
+                sites = [_side_site(model, backbone.branches[branch_name], layers, entry)] if layers else []
+            else:
+                sites = [_site(model, blocks[i], role, slot, entry) for i in layers for role in entry.roles]
+            for site in sites:
+                _check_free(site, taken)
+                _check_name(site.attachment, stored)
+                taken.setdefault((site.attachment.key, slot), []).append(site.attachment)
+                planned.append(site)
+                count += 1
         if count == 0:
             raise SpecError(f"entry {entry.name!r} selects no site (where={entry.where.to_dict()}); "
                             f"branches: {_describe(backbone)}; roles for {entry.method}: {', '.join(allowed)}")

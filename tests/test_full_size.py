@@ -60,3 +60,23 @@ def test_cli_presets_and_inspect(capsys):
     assert main(["inspect", "l-adapter", "--small"]) == 0
     out = capsys.readouterr().out
     assert "l_adapter" in out and "percent" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [build_clip_b16, _open_clip_b16], ids=["transformers", "open_clip"])
+def test_unipt_counts_and_forward(build):
+    """m = 512: per tap Linear(D, 512); anchor, gate, output; 13 taps (embedding output + 12 blocks)."""
+    model = build().eval()
+    pt.inject(model, "unipt")
+    s = pt.summary(model)
+    vision = 13 * (768 * 512 + 512) + (768 * 512 + 512) + 513 + (512 * 768 + 768)
+    text = 13 * (512 * 512 + 512) + (512 * 512 + 512) + 513 + (512 * 512 + 512)
+    assert s.by_branch() == {"vision": vision, "text": text} and s.trainable == 9_847_042
+    image, ids = torch.randn(1, 3, 224, 224), torch.tensor([[49406, 320, 1125, 49407] + [0] * 73])
+    with torch.no_grad():
+        if hasattr(model, "encode_image"):
+            features = [model.encode_image(image), model.encode_text(ids)]
+        else:
+            out = model(pixel_values=image, input_ids=ids)
+            features = [out.image_embeds, out.text_embeds]
+    assert all(torch.isfinite(f).all() and f.shape == (1, 512) for f in features)

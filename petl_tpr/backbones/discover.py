@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import DiscoveryError
 from ..registry import FAMILIES
+from .ends import final_norm, token_embedding
 from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm
 
 
@@ -160,7 +161,9 @@ def discover(model: nn.Module) -> Backbone:
             for i, (path, family, layout, dim, projections) in enumerate(members)
         )
         families = {b.family for b in blocks}
-        branches[name] = Branch(name, stack, blocks, "/".join(sorted(families)))
+        branches[name] = Branch(name, stack, blocks, "/".join(sorted(families)),
+                                final_norm=final_norm(model, stack, list(stacks)),
+                                token_embedding=token_embedding(model, stack, list(stacks)))
     return Backbone(branches)
 
 

@@ -61,4 +61,5 @@ FAMILY = register_family(Family(
     layouts=(LAYOUT,),
     description="transformers CLIPEncoderLayer (CLIP, SigLIP-style): self_attn.{q,k,v,out}_proj, mlp.fc1/fc2, pre-norm",
     example=tiny_example,
+    global_token=lambda branch: "eot" if branch == "text" else "first",
 ))

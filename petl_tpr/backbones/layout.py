@@ -82,6 +82,7 @@ class BlockLayout:
     attn_check: Callable[[nn.Module], bool] = lambda module: True
     attention: str | None = None    # takeover convention of `attn` (petl_tpr.attention.CONVENTIONS)
     pre_norm: Callable[[nn.Module], bool] = lambda block: True   # norms before the branches (given the block)
+    batch_first: Callable[[nn.Module], bool] = lambda block: True   # hidden states (B, L, D), not (L, B, D)
 
     def projection(self, role: str) -> ProjectionRef:
         return getattr(self, role)
@@ -91,6 +92,8 @@ class BlockLayout:
 class Family:
     """A backbone family: its layouts and a tiny example model for the tests.
 
+    `global_token(branch)` says where the branch's pooled feature is read: "first" (CLS) or "eot"
+    (the position of the largest token id, as CLIP's text tower pools).
     `example` returns `(model, run)`, where `run(model)` feeds fixed inputs (made with a fixed seed)
     and returns one float tensor of outputs; it imports its third-party package lazily.
     """
@@ -99,6 +102,7 @@ class Family:
     layouts: tuple[BlockLayout, ...]
     description: str
     example: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]] | None = None
+    global_token: Callable[[str], str] = lambda branch: "first"   # "first" (CLS) or "eot" (CLIP text)
 
     def build_example(self, seed: int = 0) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
         """The tiny example with weights drawn from `seed`, leaving the global RNG as it was."""
@@ -159,6 +163,8 @@ class Branch:
     path: str
     blocks: tuple[Block, ...]
     family: str
+    final_norm: str | None = None        # see backbones/ends.py
+    token_embedding: str | None = None
 
     @property
     def dim(self) -> int:

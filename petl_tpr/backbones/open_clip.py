@@ -23,6 +23,7 @@ LAYOUT = BlockLayout(
     mlp_out="mlp",
     attn_check=is_mha,
     attention="mha",
+    batch_first=lambda block: block.attn.batch_first,   # open_clip < 2.24 and OpenAI CLIP run (L, B, D)
 )
 
 
@@ -55,4 +56,5 @@ FAMILY = register_family(Family(
     layouts=(LAYOUT,),
     description="open_clip / OpenAI CLIP ResidualAttentionBlock: attn (MultiheadAttention), ln_1, mlp.c_fc/c_proj, ln_2",
     example=tiny_example,
+    global_token=lambda branch: "eot" if branch == "text" else "first",
 ))

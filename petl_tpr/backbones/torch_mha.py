@@ -34,6 +34,7 @@ ENCODER_LAYER = BlockLayout(
     attn_check=is_mha,
     attention="mha",
     pre_norm=lambda block: bool(block.norm_first),
+    batch_first=lambda block: block.self_attn.batch_first,
 )
 
 # torchvision.models.vision_transformer.EncoderBlock: mlp is Sequential(Linear, GELU, Dropout, Linear, Dropout).

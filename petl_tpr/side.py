@@ -1,0 +1,135 @@
+"""Side networks (UniPT): taps hand a branch's hidden states, detached, to a module beside it.
+
+A side attachment (`slot == "side"`) has
+- a forward pre-hook on the first block (its input is the embedding output H_0) and forward
+  hooks on the selected blocks (their outputs H_1..H_n), each storing a detached tensor;
+- with `global_token == "eot"`, a pre-hook on the token embedding that keeps the token ids;
+- a forward hook on the branch's final norm (or its last block when it has none) that calls the
+  side module and adds its correction at the global token (CLS: position 0; EOT: argmax of the
+  ids, as CLIP pools its text feature), or to the whole output when the norm sees the pooled
+  `(B, D)` feature already (transformers' CLIP vision tower).
+Because the taps are detached and the backbone is frozen, autograd records nothing inside the
+backbone: training keeps no backbone activations for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InjectionError
+
+
+@dataclass(frozen=True)
+class SideSite:
+    """Where a side network reads and writes, resolved by targeting (plain paths)."""
+
+    first_block: str               # its input is the embedding output H_0
+    taps: tuple[str, ...]          # blocks whose outputs are H_1..H_n
+    owner: str                     # final norm (or last block) whose output gets the correction
+    ids: str | None                # token embedding, when the global token is EOT
+    global_token: str              # "first" | "eot"
+    batch_first: bool              # False for sequence-first (L, B, D) hidden states
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise InjectionError(f"a side-network tap got {type(value).__name__}, not a tensor")
+    return value
+
+
+class SideState:
+    """What the taps of one side attachment collected in the current forward."""
+
+    def __init__(self, taps: int) -> None:
+        self.hidden: list[torch.Tensor | None] = [None] * (taps + 1)
+        self.ids: torch.Tensor | None = None
+        self.handles: list[Any] = []
+
+    def take(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if any(h is None for h in self.hidden):
+            raise InjectionError("the side network ran before every tapped block did")
+        hidden, ids = self.hidden, self.ids
+        self.hidden, self.ids = [None] * len(hidden), None
+        return hidden, ids
+
+
+class Tap:
+    """A hook object (not a closure, so `copy.deepcopy` of a model gives the copy its own taps).
+
+    kind "input": pre-hook keeping a block's input as hidden[index]; "output": forward hook keeping
+    a block's output; "ids": pre-hook keeping the token ids given to the token embedding.
+    """
+
+    def __init__(self, state: SideState, kind: str, index: int = 0) -> None:
+        self.state, self.kind, self.index = state, kind, index
+
+    def __call__(self, module: nn.Module, args: tuple, third: Any) -> None:
+        if self.kind == "output":
+            self.state.hidden[self.index] = _tensor(third).detach()
+            return
+        value = args[0] if args else next(v for v in third.values() if isinstance(v, torch.Tensor))
+        if self.kind == "ids":
+            self.state.ids = value
+        else:
+            self.state.hidden[self.index] = _tensor(value).detach()
+
+
+class SideOutput:
+    """Forward hook on the branch's last module: adds the side module's correction."""
+
+    def __init__(self, adapter: nn.Module, state: SideState, site: SideSite) -> None:
+        self.adapter, self.state, self.global_token, self.batch_first = adapter, state, site.global_token, site.batch_first
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        out = _tensor(output)
+        hidden, ids = self.state.take()
+        if not self.batch_first:
+            hidden = [h.transpose(0, 1) for h in hidden]
+            out = out.transpose(0, 1) if out.dim() == 3 else out
+        b = out.shape[0]
+        index = torch.zeros(b, dtype=torch.long, device=out.device)
+        valid = None
+        if self.global_token == "eot":
+            if ids is None:
+                raise InjectionError("the side network needs the token ids (EOT position), but the token embedding "
+                                     "was not called in this forward")
+            index = ids.argmax(dim=-1)
+            valid = torch.arange(ids.shape[-1], device=ids.device)[None] <= index[:, None]
+        pooled = out if out.dim() == 2 else out[torch.arange(b, device=out.device), index]
+        correction = self.adapter(pooled.detach(), hidden, index, valid).to(out.dtype)
+        if out.dim() == 2:
+            new = out + correction
+        else:
+            place = torch.nn.functional.one_hot(index, out.shape[1]).to(out.dtype)
+            new = out + place[:, :, None] * correction[:, None, :]
+            new = new if self.batch_first else new.transpose(0, 1)
+        if isinstance(output, (tuple, list)):
+            return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
+        return new
+
+
+def attach_side(model: nn.Module, adapter: nn.Module, site: SideSite) -> None:
+    """Register the taps and the output hook of one side network (handles kept on the adapter)."""
+    if site.global_token == "eot" and site.ids is None:
+        raise InjectionError("this branch pools its feature at the EOT token, but no token embedding was found")
+    state = SideState(len(site.taps))
+    hooks = [model.get_submodule(site.first_block).register_forward_pre_hook(Tap(state, "input"), with_kwargs=True)]
+    hooks += [model.get_submodule(path).register_forward_hook(Tap(state, "output", i))
+              for i, path in enumerate(site.taps, start=1)]
+    if site.global_token == "eot":
+        hooks.append(model.get_submodule(site.ids).register_forward_pre_hook(Tap(state, "ids"), with_kwargs=True))
+    hooks.append(model.get_submodule(site.owner).register_forward_hook(SideOutput(adapter, state, site)))
+    state.handles = hooks
+    adapter.__dict__["_petl_side_state"] = state
+
+
+def detach_side(adapter: nn.Module) -> None:
+    state: SideState = adapter.__dict__.pop("_petl_side_state")
+    for handle in state.handles:
+        handle.remove()
