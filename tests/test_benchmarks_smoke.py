@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on tiny models and write their JSON and plot (marked slow)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_forward_time_quick(tmp_path):
+    import forward_time
+
+    results = forward_time.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "forward_time_cpu.json").read_text())
+    assert (tmp_path / "forward_time_cpu.png").stat().st_size > 10_000
+    for backbone in ("transformers", "open_clip"):
+        ratios = data["backbones"][backbone]["ratios"]
+        assert set(ratios) >= {"up-person / bare", "s-prefix L=10 / prefix L=10"}
+        assert all(r > 0 for r in ratios.values())
+    assert results["machine"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_train_memory_quick(tmp_path):
+    import train_memory
+
+    train_memory.main(["--quick", "--out", str(tmp_path), "--methods", "full fine-tuning", "unipt"])
+    data = json.loads((tmp_path / "train_memory_cpu_quick.json").read_text())
+    rows = data["methods"]
+    assert rows["full fine-tuning"]["trainable"] == rows["full fine-tuning"]["total"]
+    assert 0 < rows["unipt"]["trainable"] < rows["unipt"]["total"]
+    assert rows["unipt"]["peak_ratio_to_full"] < 1.0
+    assert (tmp_path / "train_memory_cpu_quick.png").is_file()
