@@ -1,1 +1,39 @@
-"""Text-based person retrieval: data, tokenizer, transforms, losses and metrics."""
+"""Text-based person retrieval (TPR): data, tokenizer, transforms, losses and metrics.
+
+Importing this package needs torch only; Pillow is needed to read or draw images, torchvision for
+the transforms (imported on first use) and open_clip's BPE file for the tokenizer (located, not
+imported). The synthetic-dataset names load on first access, so that import needs no Pillow.
+See docs/tpr.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .datasets import EvalSplit, PersonRetrievalData, TrainSample, build_dataset, dataset_names
+from .errors import DatasetError, TaskInputError, TokenizerError
+from .losses import IGNORE_INDEX, SDM_EPSILON, SDM_TEMPERATURE, IdentityLoss, masked_token_loss, sdm_loss
+from .masking import MaskingConfig, mask_caption_ids, masked_caption_generator
+from .metrics import RetrievalMetrics, metrics_from_similarity, rank_scores, retrieval_metrics
+from .tokenizer import CONTEXT_LENGTH, EOT_ID, MASK_ID, SOT_ID, VOCAB_SIZE, ClipTokenizer
+from .torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_image
+from .transforms import (CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform,
+                         build_transform)
+
+_LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "write_synthetic": "synthetic"}
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "CONTEXT_LENGTH", "CaptionDataset", "ClipTokenizer", "DatasetError", "EOT_ID",
+    "EvalSplit", "IGNORE_INDEX", "IdentityLoss", "ImageDataset", "ImageTextDataset", "MASK_ID", "MaskingConfig",
+    "PersonRetrievalData", "RetrievalMetrics", "SDM_EPSILON", "SDM_TEMPERATURE", "SOT_ID", "SyntheticConfig",
+    "TaskInputError", "TokenizerError", "TrainSample", "TransformConfig", "VOCAB_SIZE", "build_dataset",
+    "build_test_transform", "build_train_transform", "build_transform", "dataset_names", "load_image",
+    "mask_caption_ids", "masked_caption_generator", "masked_token_loss", "metrics_from_similarity", "rank_scores",
+    "retrieval_metrics", "sdm_loss", "synthetic_records", "write_synthetic",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

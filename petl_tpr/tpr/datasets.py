@@ -178,7 +178,8 @@ def _carve(train: list[_Record], fraction: float, seed: int) -> tuple[list[_Reco
     return [r for r in train if r.raw_id not in held], [r for r in train if r.raw_id in held]
 
 
-def _assemble(name: str, folder: Path, records: list[_Record], val_fraction: float, val_seed: int) -> PersonRetrievalData:
+def _assemble(name: str, folder: Path, records: list[_Record], val_fraction: float,
+              val_seed: int) -> PersonRetrievalData:
     dropped = sum(1 for r in records for c in r.captions if not c.strip())
     records = [_Record(r.split, r.raw_id, r.path, tuple(c for c in r.captions if c.strip())) for r in records]
     by_split = {split: [r for r in records if r.split == split] for split in SPLITS}

@@ -63,7 +63,8 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise TaskInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def rank_scores(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> dict[str, torch.Tensor]:
+def rank_scores(similarity: torch.Tensor, query_pids: torch.Tensor,
+                gallery_pids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-query scores in [0, 1] for one block of queries.
 
     similarity `(q, G)` finite; query_pids `(q,)`; gallery_pids `(G,)`. Returns float64 tensors of

@@ -81,7 +81,8 @@ class SyntheticConfig:
             combos *= len(values)
         if self.identities > combos:
             raise TaskInputError(f"SyntheticConfig.identities: at most {combos} distinct attribute combinations")
-        if not (0 < self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1):
+        test, val = self.test_fraction, self.val_fraction
+        if not (0 < test < 1 and 0 <= val < 1 and test + val < 1):
             raise TaskInputError("SyntheticConfig: need 0 < test_fraction < 1, 0 <= val_fraction < 1 and their sum < 1")
         if self.identities < 2 + (self.val_fraction > 0):
             raise TaskInputError("SyntheticConfig.identities too small for a train, test (and val) identity each")

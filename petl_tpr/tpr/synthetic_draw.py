@@ -91,7 +91,8 @@ def _limb(draw: ImageDraw.ImageDraw, top: tuple[float, float], length: float, an
     return (top[0] + dx * length, top[1] + dy * length)
 
 
-def draw_person(attributes: dict[str, str], body: Body, view: View, style: DomainStyle, rng: random.Random) -> Image.Image:
+def draw_person(attributes: dict[str, str], body: Body, view: View, style: DomainStyle,
+                rng: random.Random) -> Image.Image:
     """Render one image; `attributes` has keys upper_color, upper_type, lower_color, lower_type,
     headwear, bag, hair (values as in `synthetic.ATTRIBUTE_VALUES`)."""
     image = _background(style, view, rng)

@@ -89,7 +89,8 @@ TEMPLATES = (_templates_0(), _templates_1())
 
 def _parts(attributes: dict[str, str], domain: int, rng: random.Random) -> Parts:
     words = LEXICON[domain]
-    upper = f"{rng.choice(words['color'][attributes['upper_color']])} {rng.choice(words['upper_type'][attributes['upper_type']])}"
+    upper_garment = rng.choice(words["upper_type"][attributes["upper_type"]])
+    upper = f"{rng.choice(words['color'][attributes['upper_color']])} {upper_garment}"
     garment = rng.choice(words["lower_type"][attributes["lower_type"]])
     lower = f"{rng.choice(words['color'][attributes['lower_color']])} {garment}"
     hair = rng.choice(words["hair"][attributes["hair"]])

@@ -49,7 +49,8 @@ class TransformConfig:
                 raise TaskInputError(f"TransformConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         low, high = self.erasing_scale
         if not 0.0 < low <= high < 1.0:
-            raise TaskInputError(f"TransformConfig.erasing_scale must satisfy 0 < low <= high < 1, got {self.erasing_scale!r}")
+            raise TaskInputError(f"TransformConfig.erasing_scale must satisfy 0 < low <= high < 1, "
+                                 f"got {self.erasing_scale!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise TaskInputError("TransformConfig.mean and std need three values each, std > 0")
 

@@ -39,7 +39,8 @@ def direct_sdm(image: list[list[float]], text: list[list[float]], pids: list[int
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sdm_matches_direct_formula(seed):
     gen = torch.Generator().manual_seed(seed)
-    image, text = torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    image = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    text = torch.randn(9, 6, generator=gen, dtype=torch.float64)
     image, text = image * 0.2 + text, text  # correlated pairs keep probabilities away from underflow
     pids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0])
     expected = direct_sdm(image.tolist(), text.tolist(), pids.tolist())
