@@ -75,7 +75,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [])
-    # taken before attaching: parametrizing renames a weight in named_parameters()
+    # taken before attaching, so adapter parameters are not in it
     requires = {name: p.requires_grad for name, p in model.named_parameters()} if prior is None else {}
     done: list[Attachment] = []
     try:
@@ -103,7 +103,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
 
 
 def eject(model: nn.Module) -> None:
-    """Take every adapter out: modules, hooks, parametrizations, and requires_grad flags as before."""
+    """Take every adapter out: modules, hooks, attention takeovers, and requires_grad flags as before."""
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"nothing is injected in this {type(model).__name__}")

@@ -46,7 +46,7 @@ class Attachment:
     role: str
     slot: str                      # "delta" | "parallel" | "post" | "kv"
     owner: str                     # path of the hooked module or of the parameter owner
-    container: str                 # attribute of `home` (or WeightDeltas key) holding the adapter
+    container: str                 # attribute of `home` holding the adapter
     home: str = ""                 # module the adapter is registered on (see `home_of`)
     param: str | None = None       # raw weight the delta applies to, None for module sites
     rows: tuple[int, int] | None = None

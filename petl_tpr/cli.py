@@ -46,7 +46,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="petl-tpr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("quickstart", help="inject UP-Person's LoRA + L-Adapter into CLIP ViT-B/16, train a step, save, reload")
+    p = sub.add_parser("quickstart", help="inject UP-Person (S-Prefix + LoRA + L-Adapter) into CLIP ViT-B/16, train a step, save, reload")
     p.add_argument("--out", default="runs/quickstart", help="directory for the adapter file")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--small", action="store_true", help="2-layer towers instead of 12 (for a fast check)")

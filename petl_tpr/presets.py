@@ -34,6 +34,11 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "l-adapter": [{"method": "l-adapter", "config": {"reduction": 8}}],
     "prefix": [{"method": "prefix", "config": {"length": 10}}],
     "s-prefix": [{"method": "s-prefix", "config": {"length": 10, "boost_init": 10.0}}],
+    # DM-Adapter (REFERENCE.md section 2): 6 experts of width d/8, top-2, domain-aware router, in parallel
+    # with every MLP of both towers; fixed output scale 0.1 (vision) and 4 (text); aux weight 0.5.
+    "dm-adapter": [{"method": "moa", "config": {"experts": 6, "top_k": 2, "reduction": 8, "scale": 0.1,
+                                                "branch_scale": {"text": 4.0}, "router": "domain", "lb_weight": 0.5},
+                    "where": {"branches": BOTH}}],
     # UniPT (REFERENCE.md section 3): one side network per CLIP tower, width m = 512.
     "unipt": [{"method": "unipt", "config": {"width": 512}, "where": {"branches": BOTH}}],
     "up-person": _up_person("cuhk-pedes"),

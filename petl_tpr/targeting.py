@@ -150,7 +150,8 @@ def _check_free(site: PlannedSite, taken: dict[tuple[str, str], list[Attachment]
                             f"give the new entry another name")
         if site.entry.compose != "add":
             raise SpecError(f"{att.key} already has {other.method!r} (entry {other.entry!r}) in its {att.slot} slot; "
-                            f"set compose='add' on entry {site.entry.name!r} to sum both, or target other sites")
+                            f"set compose='add' on entry {site.entry.name!r} to apply both (deltas and adapters add up, "
+                            f"prefixes concatenate), or target other sites")
 
 
 def _check_name(att: Attachment, stored: dict[tuple[str, str, str | None], Attachment]) -> None:

@@ -58,7 +58,7 @@ def _resolve_projection(block: nn.Module, role: str, ref: ProjectionRef, prefix:
             return None
         weight = owner.weight
     else:
-        weight = getattr(owner, ref.param, None)   # a plain Tensor once parametrized by an adapter
+        weight = getattr(owner, ref.param, None)   # a Parameter, or a plain Tensor if the user parametrized it
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
     out_total, in_dim = weight.shape
