@@ -3,13 +3,19 @@
 Plan (one host synchronisation per call, whatever E is):
 1. sort the `N = T*k` (token, pick) assignments by expert id once; `bounds[e]:bounds[e+1]` is the
    contiguous run of expert e. The bounds and the smallest/largest id reach the host in one transfer.
-2. per expert, on its run: gather its tokens `(n_e, d)`, two `addmm` calls, scale by the gates and
-   `index_add_` into y. Hidden activations go into one preallocated `(N, r)` buffer.
-3. backward, per expert: gather the upstream rows `dy_e (n_e, d)` once; with `P = dy_e W_up^T`
-   `(n_e, r)`: dgate = rowsum(a * P) + dy_e b_up, dW_up = (g a)^T dy_e, db_up = g^T dy_e,
-   dH = act'(h) * g * P, dW_down = x_e^T dH, db_down = colsum(dH), dx += dH W_down^T (index_add_).
-   The gate-scaled `(n_e, d)` gradient dO is never formed (the gate is folded into r-wide tensors),
-   and nothing `(N, d)` is saved: the forward keeps only the `(N, r)` activations; x_e is re-gathered.
+2. forward, per expert on its run: gather its tokens `x_e (n_e, d)`, `h = x_e W_down[e] + b_down[e]`
+   into one preallocated `(N, r)` buffer, `a = act(h)`, and `index_add_` `(g a) W_up[e]` into y. The
+   gate scales the r-wide `a`, not the d-wide output; the up biases of all picks are added at once
+   as `G b_up` with `G (T, E)` the gates scattered at the expert ids.
+3. backward, per expert: gather the upstream rows `dy_e (n_e, d)` once; with `P = dy_e W_up[e]^T`
+   `(n_e, r)`: dgate = rowsum(a * P), dW_up = (g a)^T dy_e, dH = act'(h) * g * P,
+   dW_down = x_e^T dH, db_down = colsum(dH), dx += dH W_down[e]^T (`index_add_`). Dense, once:
+   db_up = G^T dy and dgate += (dy b_up^T) at the ids.
+
+Every temporary is `(n_e, d)` or r-wide; nothing `(N, d)` is formed or saved (the forward keeps
+the `(N, r)` pre-activations and x; x_e is gathered again in the backward). On the CPU this matters
+beyond memory: fresh tens-of-MB buffers are page-faulted in on every call and cost more than the
+gathers themselves, while per-expert temporaries reuse the same heap memory.
 
 fp16/bf16 inputs are computed in fp32; y and every gradient come back in their input's dtype.
 """
@@ -47,40 +53,39 @@ def _segments(bounds: list[int]):
 
 
 class RoutedAdaptersFunction(torch.autograd.Function):
-    """autograd.Function behind `routed_adapters_torch`; inputs already cast to the compute dtype.
+    """autograd.Function behind `routed_adapters_torch`; float inputs already in the compute dtype.
 
-    Works expert by expert on contiguous runs of the sorted assignments, so every temporary is
-    `(n_e, d)` rather than `(N, d)`: on the CPU, fresh `(N, d)` buffers at DM-Adapter's sizes (tens of
-    MB) are page-faulted in on every call and cost more than the gathers themselves.
+    Non-differentiable extras: expert_ids `(T, k)`, order/token `(N,)` from `plan`, the host
+    `bounds`, the activation name.
     """
 
     @staticmethod
-    def forward(ctx, x, gates, w_down, b_down, w_up, b_up, order, token, bounds, activation):
+    def forward(ctx, x, gates, w_down, b_down, w_up, b_up, expert_ids, order, token, bounds, activation):
         T, d = x.shape
-        n, r = token.numel(), w_down.shape[2]
+        E, _, r = w_down.shape
+        n = token.numel()
         segments = _segments(bounds)
         gs = gates.reshape(-1).index_select(0, order)                   # (N,) gates in sorted order
+        weight = torch.zeros(T, E, dtype=x.dtype, device=x.device).scatter_add_(1, expert_ids, gates)  # (T, E)
         h = torch.empty(n, r, dtype=x.dtype, device=x.device)           # (N, r) pre-activations
-        y = torch.zeros(T, d, dtype=x.dtype, device=x.device)
+        y = weight @ b_up                                               # the gate-weighted up biases
         for e, s, t in segments:
             idx = token[s:t]
             h_e = torch.addmm(b_down[e], x.index_select(0, idx), w_down[e], out=h[s:t])
-            a_e = h_e.relu_() if activation == "relu" else F.gelu(h_e)
-            out = torch.addmm(b_up[e], a_e, w_up[e]).mul_(gs[s:t].unsqueeze(1))   # (n_e, d)
-            y.index_add_(0, idx, out)
-        # relu ran in place, so h holds the activations a; gelu keeps h and recomputes a later.
-        ctx.save_for_backward(x, gs, h, w_down, w_up, b_up, order, token)
-        ctx.segments, ctx.activation, ctx.k = segments, activation, gates.shape[1]
+            a_e = h_e.relu_() if activation == "relu" else F.gelu(h_e)   # relu in place: h then holds a
+            y.index_add_(0, idx, (a_e * gs[s:t].unsqueeze(1)) @ w_up[e])
+        ctx.save_for_backward(x, gs, h, w_down, w_up, b_up, expert_ids, weight, order, token)
+        ctx.segments, ctx.activation = segments, activation
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, gs, h, w_down, w_up, b_up, order, token = ctx.saved_tensors
+        x, gs, h, w_down, w_up, b_up, expert_ids, weight, order, token = ctx.saved_tensors
         need_x, need_g, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
         T, d = x.shape
         E, _, r = w_down.shape
-        n, k = token.numel(), ctx.k
+        n, k = token.numel(), expert_ids.shape[1]
         dy = dy.contiguous()
         new = dict(dtype=dy.dtype, device=dy.device)
         need_h = need_x or need_wd or need_bd
@@ -89,19 +94,17 @@ class RoutedAdaptersFunction(torch.autograd.Function):
         dwd = torch.zeros(E, d, r, **new) if need_wd else None
         dbd = torch.zeros(E, r, **new) if need_bd else None
         dwu = torch.zeros(E, r, d, **new) if need_wu else None
-        dbu = torch.zeros(E, d, **new) if need_bu else None
+        dbu = weight.t() @ dy if need_bu else None
         relu = ctx.activation == "relu"
         for e, s, t in ctx.segments:
             idx, g_e = token[s:t], gs[s:t].unsqueeze(1)                 # (n_e,), (n_e, 1)
             a_e = h[s:t] if relu else F.gelu(h[s:t])                    # (n_e, r)
             dys = dy.index_select(0, idx)                               # (n_e, d) upstream rows
             p = dys @ w_up[e].t()                                       # (n_e, r) = dA / gate
-            if need_g:   # d gate = <dy, out> = <a, dy W_up^T> + <b_up, dy>
-                torch.addmv((a_e * p).sum(1), dys, b_up[e], out=dgs[s:t])
+            if need_g:   # d gate = <dy, out> = <a, dy W_up^T> (+ <b_up, dy>, added below)
+                torch.sum(a_e * p, 1, out=dgs[s:t])
             if need_wu:  # dW_up = (g a)^T dy
                 torch.mm((a_e * g_e).t(), dys, out=dwu[e])
-            if need_bu:  # db_up = g^T dy
-                torch.mv(dys.t(), g_e.squeeze(1), out=dbu[e])
             if not need_h:
                 continue
             d_h = p.mul_(g_e)
@@ -115,7 +118,8 @@ class RoutedAdaptersFunction(torch.autograd.Function):
         dgates = None
         if need_g:
             dgates = torch.empty(n, **new).index_copy_(0, order, dgs).view(T, k)
-        return dx, dgates, dwd, dbd, dwu, dbu, None, None, None, None
+            dgates += (dy @ b_up.t()).gather(1, expert_ids)
+        return dx, dgates, dwd, dbd, dwu, dbu, None, None, None, None, None
 
 
 def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
@@ -130,5 +134,5 @@ def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torc
     dtype = compute_dtype(x, gates, w_down, b_down, w_up, b_up)
     order, token, bounds = plan(expert_ids, dims.E)
     args = [t.to(dtype).contiguous() for t in (x, gates, w_down, b_down, w_up, b_up)]
-    y = RoutedAdaptersFunction.apply(*args, order, token, bounds, activation)
+    y = RoutedAdaptersFunction.apply(*args, expert_ids, order, token, bounds, activation)
     return y.to(x.dtype)
