@@ -94,7 +94,8 @@ def measure(impls: dict[str, Callable], inputs: list[torch.Tensor], *, repeats: 
 
 def case(T: int, d: int, r: int, E: int, k: int, device: torch.device, repeats: int, warmup: int) -> dict:
     """One shape: timings of every implementation that runs on the device and fits, plus ratios."""
-    impls = {name: fn for name, (fn, available, fits) in IMPLEMENTATIONS.items() if available(device) and fits(T, d, r, E)}
+    impls = {name: fn for name, (fn, available, fits) in IMPLEMENTATIONS.items()
+             if available(device) and fits(T, d, r, E)}
     inputs = make_inputs(T, d, r, E, k, device)
     with torch.no_grad():   # sanity: every implementation agrees with the reference
         expected = routed_adapters_reference(*inputs)
@@ -112,7 +113,8 @@ def machine_info(device: torch.device) -> dict:
     else:
         name = platform.processor() or platform.machine()
         try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+            with open("/proc/cpuinfo") as info:
+                name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
     return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "benchmark": "moa_routing", "quick": args.quick, "repeats": repeats, "warmup": warmup,
-        "timing": "ms: median, min_ms: minimum over the repeats; fwd = forward with grad-requiring inputs, fwd_bwd = forward + backward of y.sum()",
+        "timing": ("ms: median, min_ms: minimum over the repeats; fwd = forward with grad-requiring inputs, "
+                   "fwd_bwd = forward + backward of y.sum()"),
         "machine": machine_info(device),
         "shapes": {name: run(s["T"], s["d"], s["r"], EXPERTS) for name, s in SHAPES.items()},
         "e_sweep": [run(SHAPES["vision"]["T"], 768, 96, E) for E in e_sweep],

@@ -11,7 +11,7 @@ from petl_tpr.errors import SpecError
 from petl_tpr.kernels import RoutingError
 from petl_tpr.methods.base import config_from_dict, config_to_dict
 from petl_tpr.methods.moa import MixtureOfAdapters, MoA, MoAConfig
-from petl_tpr.registry import METHODS, register_method  # noqa: F401
+from petl_tpr.registry import METHODS
 
 
 def build(d=16, branch="vision", **config):
