@@ -197,3 +197,18 @@ def test_deepcopy_of_a_model_with_prefixes_is_independent():
     assert_no_petl_traces(twin)
     with torch.no_grad():
         torch.testing.assert_close(run(model), expected, atol=0, rtol=0)
+
+
+def test_torch_save_of_a_whole_model_with_takeovers(tmp_path):
+    """The generated class is not importable by name; pickling goes through the original class."""
+    model, run = family_example("hf_clip")
+    pt.inject(model, "up-person")
+    perturb(model)
+    with torch.no_grad():
+        expected = run(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), expected, atol=0, rtol=0)
+    pt.eject(loaded)
+    assert_no_petl_traces(loaded)

@@ -100,10 +100,25 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return state.convention.forward(self, state, *args, **kwargs)
 
 
+def _rebuild(cls: type, state: dict) -> nn.Module:
+    """Unpickle a taken-over module: an instance of the original class, then its takeover class again."""
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = _takeover_class(cls)
+    return module
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    # pickle finds classes by name, and the generated class shares its name with the original one:
+    # store the original class and rebuild the takeover class on load (torch.save of a whole model)
+    return _rebuild, (type(self)._petl_original_class, self.__getstate__())
+
+
 def _takeover_class(cls: type) -> type:
     if cls not in _CLASSES:
         _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _forward, "_petl_original_class": cls,
-                                                    "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                                                    "__reduce_ex__": _reduce_ex, "__module__": cls.__module__,
+                                                    "__qualname__": cls.__qualname__})
     return _CLASSES[cls]
 
 
