@@ -1,0 +1,168 @@
+"""Triton kernels of the routed mixture-of-adapters op (forward, token-side backward, weight-side backward).
+
+All three work on the `N = T*k` (token, pick) assignments sorted by expert (`launch.py` builds the
+sort and the tile tables on the device). Every tensor is contiguous; `d`, `r` are runtime sizes,
+the block sizes are compile-time. Accumulation is fp32 (`tl.dot` accumulates in fp32); the dot
+operands are cast to `DOT` (the inputs' dtype for fp16/bf16, fp32 otherwise) and fp32 dots use
+`PREC` ("ieee" or "tf32", following `torch.backends.cuda.matmul.allow_tf32`).
+
+Tile `i` of the forward and of the token-side backward covers sorted positions
+`[tile_start[i], tile_stop[i])` (at most BM of them) of expert `tile_expert[i]`; padding tiles have
+`start == stop` and do nothing but masked work.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    """relu (ACT=0) or exact gelu (ACT=1) of fp32 `h`."""
+    if ACT == 0:
+        out = tl.maximum(h, 0.0)
+    else:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return out
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    """d act / d h at fp32 `h` (relu: 1[h > 0], as torch's threshold_backward)."""
+    if ACT == 0:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+    return out
+
+
+@triton.jit
+def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
+                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, y_ptr, h_ptr, d, r,
+                      ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                      DOT: tl.constexpr, PREC: tl.constexpr):
+    """One tile of one expert: gather x rows, down-projection, bias, activation (pre-activation stored
+    to `h (N, r)` fp32), gate, up-projection + gated up-bias, atomic add into `y (T, d)` fp32."""
+    pid = tl.program_id(0)
+    start = tl.load(tile_start_ptr + pid)
+    stop = tl.load(tile_stop_ptr + pid)
+    e = tl.load(tile_expert_ptr + pid).to(tl.int64)
+    pos = start + tl.arange(0, BM).to(tl.int64)
+    mrow = pos < stop
+    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+    g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+    offr = tl.arange(0, BR)
+    mr = offr < r
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, d, BD):
+        offk = k0 + tl.arange(0, BD)
+        mk = offk < d
+        xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+        w = tl.load(wd_ptr + e * d * r + offk[:, None] * r + offr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        acc = tl.dot(xt.to(DOT), w.to(DOT), acc, input_precision=PREC)
+    bd = tl.load(bd_ptr + e * r + offr, mask=mr, other=0.0).to(tl.float32)
+    h = acc + bd[None, :]
+    tl.store(h_ptr + pos[:, None] * r + offr[None, :], h, mask=mrow[:, None] & mr[None, :])
+    a = (_act(h, ACT) * g[:, None]).to(DOT)          # padded r columns are act(0) = 0
+    for n0 in range(0, d, BD):
+        offn = n0 + tl.arange(0, BD)
+        mn = offn < d
+        wu = tl.load(wu_ptr + e * r * d + offr[:, None] * d + offn[None, :], mask=mr[:, None] & mn[None, :], other=0.0)
+        out = tl.dot(a, wu.to(DOT), input_precision=PREC)
+        bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
+        out = out + g[:, None] * bu[None, :]
+        tl.atomic_add(y_ptr + tok[:, None] * d + offn[None, :], out, mask=mrow[:, None] & mn[None, :])
+
+
+@triton.jit
+def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, order_ptr, h_ptr,
+                            tile_start_ptr, tile_stop_ptr, tile_expert_ptr, dx_ptr, dgates_ptr, dh_ptr, d, r,
+                            ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                            DOT: tl.constexpr, PREC: tl.constexpr):
+    """One tile of one expert: `P = dy_rows W_up^T`, dgate = <act(h), P> + <dy_rows, b_up> (stored at
+    the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)` fp32 for the weight kernel),
+    `dx_rows += dH W_down^T` (atomic add into `dx (T, d)` fp32)."""
+    pid = tl.program_id(0)
+    start = tl.load(tile_start_ptr + pid)
+    stop = tl.load(tile_stop_ptr + pid)
+    e = tl.load(tile_expert_ptr + pid).to(tl.int64)
+    pos = start + tl.arange(0, BM).to(tl.int64)
+    mrow = pos < stop
+    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+    g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+    offr = tl.arange(0, BR)
+    mr = offr < r
+    p = tl.zeros((BM, BR), dtype=tl.float32)
+    bias_dot = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, d, BD):
+        offn = n0 + tl.arange(0, BD)
+        mn = offn < d
+        dyt = tl.load(dy_ptr + tok[:, None] * d + offn[None, :], mask=mrow[:, None] & mn[None, :], other=0.0)
+        wu = tl.load(wu_ptr + e * r * d + offr[:, None] * d + offn[None, :], mask=mr[:, None] & mn[None, :], other=0.0)
+        p = tl.dot(dyt.to(DOT), tl.trans(wu.to(DOT)), p, input_precision=PREC)
+        bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
+        bias_dot += tl.sum(dyt.to(tl.float32) * bu[None, :], axis=1)
+    hmask = mrow[:, None] & mr[None, :]
+    h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
+    dg = tl.sum(_act(h, ACT) * p, axis=1) + bias_dot
+    flat = tl.load(order_ptr + pos, mask=mrow, other=0)
+    tl.store(dgates_ptr + flat, dg, mask=mrow)
+    dh = _act_grad(h, ACT) * g[:, None] * p
+    tl.store(dh_ptr + pos[:, None] * r + offr[None, :], dh, mask=hmask)
+    dh_op = dh.to(DOT)
+    for k0 in range(0, d, BD):
+        offk = k0 + tl.arange(0, BD)
+        mk = offk < d
+        w = tl.load(wd_ptr + e * d * r + offk[:, None] * r + offr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        dxt = tl.dot(dh_op, tl.trans(w.to(DOT)), input_precision=PREC)
+        tl.atomic_add(dx_ptr + tok[:, None] * d + offk[None, :], dxt, mask=mrow[:, None] & mk[None, :])
+
+
+@triton.jit
+def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, bounds_ptr,
+                             dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r,
+                             ACT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                             BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Program (expert e, d-block, split s): loop over the s-th share of expert e's sorted rows and
+    accumulate `dW_down[e, dblk, :] = x^T dH`, `dW_up[e, :, dblk] = (g act(h))^T dy`,
+    `db_up[e, dblk] = sum g dy` and (d-block 0 only) `db_down[e] = sum dH`; one atomic add of each
+    per program into fp32 buffers that start at zero (deterministic when SPLIT == 1)."""
+    e = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    sp = tl.program_id(2)
+    s = tl.load(bounds_ptr + e)
+    t = tl.load(bounds_ptr + e + 1)
+    share = tl.cdiv(tl.cdiv(t - s, SPLIT), BM) * BM
+    lo = s + sp * share
+    hi = tl.minimum(lo + share, t)
+    offk = kb * BD + tl.arange(0, BD)
+    mk = offk < d
+    offr = tl.arange(0, BR)
+    mr = offr < r
+    acc_wd = tl.zeros((BD, BR), dtype=tl.float32)
+    acc_wu = tl.zeros((BR, BD), dtype=tl.float32)
+    acc_bu = tl.zeros((BD,), dtype=tl.float32)
+    acc_bd = tl.zeros((BR,), dtype=tl.float32)
+    for m0 in range(lo, hi, BM):
+        pos = m0 + tl.arange(0, BM).to(tl.int64)
+        mrow = pos < hi
+        tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+        g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+        rmask = mrow[:, None] & mk[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=rmask, other=0.0)
+        dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=rmask, other=0.0)
+        hmask = mrow[:, None] & mr[None, :]
+        h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
+        dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
+        ga = _act(h, ACT) * g[:, None]
+        acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
+        acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
+        acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)
+        acc_bd += tl.sum(dh, axis=0)
+    tl.atomic_add(dwd_ptr + e * d * r + offk[:, None] * r + offr[None, :], acc_wd, mask=mk[:, None] & mr[None, :])
+    tl.atomic_add(dwu_ptr + e * r * d + offr[:, None] * d + offk[None, :], acc_wu, mask=mr[:, None] & mk[None, :])
+    tl.atomic_add(dbu_ptr + e * d + offk, acc_bu, mask=mk)
+    r_here = tl.where(kb == 0, r, 0)                     # db_down from d-block 0 only
+    tl.atomic_add(dbd_ptr + e * r + offr, acc_bd, mask=offr < r_here)

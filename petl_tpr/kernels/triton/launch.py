@@ -1,0 +1,210 @@
+"""Launchers, the `torch.library` custom ops and the public `routed_adapters_triton`.
+
+Layering: `routed_adapters_triton` (checks, dtype policy) -> `petl_tpr::moa_routed_fwd` custom op
+(plan + forward kernel) with `register_autograd` -> `petl_tpr::moa_routed_bwd` custom op (two
+backward kernels). Both ops have fake (meta) implementations, so torch.compile keeps them as single
+graph nodes with no graph break.
+
+Plan, on the device: sort the flat ids once (`order`), `bounds (E+1,)` from a searchsorted, and the
+tile tables from per-expert tile counts, sized by the static upper bound `cdiv(N, BM) + E` tiles
+(padding tiles are empty), so the grid needs no host synchronisation. The only host transfer is the
+smallest/largest id, for the `[0, E)` check (a `RoutingError`, as in the other implementations).
+
+Saved for the backward: x, the weights, gates, and the `(N, r)` fp32 pre-activations in sorted
+order (r-wide, not d-wide; the activation is recomputed from them). The backward writes dH
+`(N, r)` fp32 once and reads it in the weight kernel. Nothing `(N, d)` is formed.
+
+Combine: `y` and `dx` are atomic adds of fp32 rows into a zeroed `(T, d)` fp32 buffer (k picks
+per token meet there), then cast to x's dtype. The order of the k fp32 additions is not fixed, so
+results may differ in the last bits from run to run; the weight gradients are deterministic with
+`SPLIT = 1` (one program per (expert, d-block)), and atomic between row shares when SPLIT > 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..checks import RoutingError, check_id_range, check_inputs, compute_dtype
+from ..torch_fast import routed_adapters_torch
+from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel
+
+ACTS = {"relu": 0, "gelu": 1}
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in interpreter mode (TRITON_INTERPRET=1, read when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(d: int, r: int, n: int) -> tuple[int, int, int]:
+    """(BM rows per tile, BR >= r, BD columns of d per step); tl.dot needs every dim >= 16."""
+    br = max(16, triton.next_power_of_2(r))
+    bd = max(16, min(64 if br <= 128 else 32, triton.next_power_of_2(d)))
+    bm = 16 if interpreting() else (64 if br <= 128 else 32)
+    return bm, br, bd
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting() \
+        else "ieee"
+
+
+def _tiles(bounds: torch.Tensor, n: int, E: int, bm: int):
+    """tile_start/stop/expert `(cdiv(n, bm) + E,)`: expert e's run `bounds[e]:bounds[e+1]` cut into
+    tiles of at most bm positions, then empty padding tiles (a static count: no host sync)."""
+    counts = bounds[1:] - bounds[:-1]
+    tiles = (counts + bm - 1) // bm
+    last = torch.cumsum(tiles, 0)                              # tiles of experts <= e
+    t = torch.arange(triton.cdiv(n, bm) + E, device=bounds.device, dtype=bounds.dtype)
+    tile_expert = torch.searchsorted(last, t, right=True).clamp_(max=E - 1)
+    start = bounds[tile_expert] + (t - (last - tiles)[tile_expert]) * bm
+    valid = t < last[-1]
+    tile_start = torch.where(valid, start, 0)
+    tile_stop = torch.where(valid, torch.minimum(bounds[tile_expert + 1], start + bm), 0)
+    return tile_start, tile_stop, tile_expert
+
+
+def _plan(expert_ids: torch.Tensor, E: int):
+    """order `(N,)` (sorted position -> flat index t*k+j) and bounds `(E+1,)`, on the device; checks
+    the id range with one small host transfer."""
+    flat = expert_ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    lo, hi = torch.stack([sorted_ids[0], sorted_ids[-1]]).tolist()
+    check_id_range(lo, hi, E)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device, dtype=flat.dtype))
+    return order, bounds
+
+
+@torch.library.custom_op("petl_tpr::moa_routed_fwd", mutates_args=())
+def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
+                   b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
+                   activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y `(T, d)` in x's dtype, h `(N, r)` fp32 sorted pre-activations, order `(N,)`, bounds `(E+1,)`.
+    All float inputs share one dtype (fp32, fp16 or bf16) and are contiguous."""
+    T, d = x.shape
+    E, _, r = w_down.shape
+    n = expert_ids.numel()
+    bm, br, bd = _blocks(d, r, n)
+    y = torch.zeros(T, d, dtype=torch.float32, device=x.device)
+    h = torch.empty(n, r, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return y.to(x.dtype), h, expert_ids.new_empty(0), expert_ids.new_zeros(E + 1)
+    order, bounds = _plan(expert_ids, E)
+    tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, bm)
+    token = torch.div(order, expert_ids.shape[1], rounding_mode="floor")
+    gs = gates.reshape(-1).index_select(0, order).contiguous()
+    routed_fwd_kernel[(tile_start.numel(),)](
+        x, w_down, b_down, w_up, b_up, gs, token, tile_start, tile_stop, tile_expert, y, h, d, r,
+        ACT=ACTS[activation], BM=bm, BR=br, BD=bd, DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
+    return y.to(x.dtype), h, order, bounds
+
+
+@moa_routed_fwd.register_fake
+def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation):
+    n, r, E = expert_ids.numel(), w_down.shape[2], w_down.shape[0]
+    return (x.new_empty(x.shape), x.new_empty(n, r, dtype=torch.float32), expert_ids.new_empty(n),
+            expert_ids.new_empty(E + 1))
+
+
+@torch.library.custom_op("petl_tpr::moa_routed_bwd", mutates_args=())
+def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                   w_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, h: torch.Tensor,
+                   order: torch.Tensor, bounds: torch.Tensor,
+                   activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor, torch.Tensor]:
+    """dx, dgates, dw_down, db_down, dw_up, db_up, each in its input's dtype (all share x's)."""
+    T, d = x.shape
+    E, _, r = w_down.shape
+    k = expert_ids.shape[1]
+    n = expert_ids.numel()
+    bm, br, bd = _blocks(d, r, n)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx, dgates = torch.zeros(T, d, **f32), torch.zeros(n, **f32)
+    dwd, dbd = torch.zeros(E, d, r, **f32), torch.zeros(E, r, **f32)
+    dwu, dbu = torch.zeros(E, r, d, **f32), torch.zeros(E, d, **f32)
+    if n:
+        dy = dy.contiguous()
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, bm)
+        n_tiles = tile_start.numel()
+        token = torch.div(order, k, rounding_mode="floor")
+        gs = gates.reshape(-1).index_select(0, order).contiguous()
+        dh = torch.empty(n, r, **f32)
+        meta = dict(ACT=ACTS[activation], BM=bm, BR=br, BD=bd, DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
+        routed_bwd_token_kernel[(n_tiles,)](
+            dy, w_down, w_up, b_up, gs, token, order, h, tile_start, tile_stop, tile_expert, dx, dgates, dh, d, r,
+            **meta)
+        d_blocks = triton.cdiv(d, bd)
+        split = 1
+        if x.is_cuda:   # enough programs to fill the GPU: about 4 per SM
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            split = max(1, min(triton.cdiv(4 * sms, E * d_blocks), triton.cdiv(n, E * bm)))
+            split = triton.next_power_of_2(split)
+        routed_bwd_weight_kernel[(E, d_blocks, split)](
+            x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu, d, r, SPLIT=split, **meta)
+    out = x.dtype
+    return (dx.to(out), dgates.view(T, k).to(gates.dtype), dwd.to(w_down.dtype), dbd.to(out), dwu.to(w_up.dtype),
+            dbu.to(b_up.dtype))
+
+
+@moa_routed_bwd.register_fake
+def _(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds, activation):
+    E, _, r = w_down.shape
+    return (x.new_empty(x.shape), gates.new_empty(gates.shape), w_down.new_empty(w_down.shape),
+            x.new_empty(E, r), w_up.new_empty(w_up.shape), b_up.new_empty(b_up.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, expert_ids, gates, w_down, b_down, w_up, b_up, activation = inputs
+    _, h, order, bounds = output
+    ctx.save_for_backward(x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds)
+    ctx.activation = activation
+
+
+def _backward(ctx, dy, _dh, _dorder, _dbounds):
+    x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds = ctx.saved_tensors
+    dx, dgates, dwd, dbd, dwu, dbu = moa_routed_bwd(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds,
+                                                    ctx.activation)
+    return dx, None, dgates, dwd, dbd, dwu, dbu, None
+
+
+moa_routed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _op_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype the kernels read: a shared fp16/bf16 stays (bf16 -> fp32 under the interpreter, whose
+    bf16 tl.dot is wrong), anything else is fp32."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        (only,) = dtypes
+        if only == torch.float16 or (only == torch.bfloat16 and not interpreting()):
+            return only
+    return torch.float32
+
+
+def routed_adapters_triton(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
+                           b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, *,
+                           activation: str = "relu") -> torch.Tensor:
+    """`y_t = sum_j gates[t,j] * Ad_e(x_t)` by the fused Triton kernels; same contract as the torch path.
+
+    Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton was imported (tests).
+    fp64 inputs go to the torch path (the kernels accumulate in fp32).
+    """
+    dims = check_inputs(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation)
+    floats = [x, gates, w_down, b_down, w_up, b_up]
+    if compute_dtype(*floats) == torch.float64:
+        return routed_adapters_torch(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation=activation)
+    if x.device.type != "cuda" and not interpreting():
+        raise RoutingError(f"the Triton routed-adapter kernels need CUDA tensors (or TRITON_INTERPRET=1 for the "
+                           f"interpreter); got device {x.device}")
+    del dims
+    dtype = _op_dtype(floats)
+    args = [t.to(dtype).contiguous() for t in floats]
+    y, *_ = moa_routed_fwd(args[0], expert_ids.contiguous(), *args[1:], activation)
+    return y.to(x.dtype)
