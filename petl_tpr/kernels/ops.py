@@ -3,16 +3,18 @@
 Implementations (all take the same arguments and give the same result and gradients):
 - `reference`: Python loop over experts, as DM-Adapter's code (`reference.py`); the test oracle.
 - `torch`: sorted, expert-by-expert plain torch with a hand-written backward (`torch_fast.py`).
-- `triton`: fused kernels for CUDA tensors. Not available yet: a later issue adds them under
-  `kernels/triton/` and hooks them into `select_impl` and `IMPLS`.
+- `triton`: fused Triton kernels (`kernels/triton/`), for CUDA tensors when the triton package is
+  importable. Forced on CPU tensors it runs only under the Triton interpreter (`TRITON_INTERPRET=1`
+  set before triton is imported), which is how the tests run it. Imported lazily, on first use.
 
 `impl=None` reads the environment variable `PETL_TPR_MOA_IMPL` (`reference`, `torch`, `triton` or
 `auto`; default `auto`). `auto` picks the best implementation available for the inputs' device:
-the torch path for now.
+`triton` for CUDA tensors when triton is importable, the torch path otherwise (always on the CPU).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable
 
@@ -25,15 +27,39 @@ from .torch_fast import routed_adapters_torch
 ENV_VAR = "PETL_TPR_MOA_IMPL"
 CHOICES = ("reference", "torch", "triton", "auto")
 
+
+
+def routed_adapters_triton(*args, **kwargs) -> torch.Tensor:
+    """The Triton implementation, imported on first use (importing it imports triton)."""
+    from .triton import routed_adapters_triton as impl
+    return impl(*args, **kwargs)
+
+
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": routed_adapters_reference,
     "torch": routed_adapters_torch,
+    "triton": routed_adapters_triton,
 }
 
 
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_available(device: torch.device) -> bool:
-    """Whether Triton kernels can run on `device`. The seam for the Triton issue: always False now."""
-    return False
+    """Whether `auto` picks the Triton kernels for `device`: CUDA tensors with triton importable."""
+    return torch.device(device).type == "cuda" and _triton_importable()
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Whether an explicit `triton` can run on `device`: where `triton_available`, and on CPU tensors
+    under the Triton interpreter (TRITON_INTERPRET=1)."""
+    device = torch.device(device)
+    return triton_available(device) or (device.type == "cpu" and _interpreter_on() and _triton_importable())
 
 
 def select_impl(impl: str | None, device: torch.device) -> str:
@@ -45,9 +71,10 @@ def select_impl(impl: str | None, device: torch.device) -> str:
         raise RoutingError(f"{source} must be one of {CHOICES}, got {impl!r}")
     if impl == "auto":
         return "triton" if triton_available(device) and "triton" in IMPLS else "torch"
-    if impl == "triton" and not (triton_available(device) and "triton" in IMPLS):
-        raise RoutingError(f"{source}='triton': the Triton routed-adapter kernels are not available yet "
-                           f"(they will need CUDA tensors and the triton package; got device {device}); "
+    if impl == "triton" and not (triton_runnable(device) and "triton" in IMPLS):
+        raise RoutingError(f"{source}='triton': the Triton routed-adapter kernels are not available here "
+                           f"(they need CUDA tensors and the triton package, or TRITON_INTERPRET=1 on the CPU; "
+                           f"triton importable: {_triton_importable()}, device {device}); "
                            f"use 'torch', 'reference' or 'auto'")
     return impl
 

@@ -1,0 +1,224 @@
+"""Triton kernels of the routed mixture-of-adapters op against the reference loop.
+
+On the CPU the kernels run under the Triton interpreter. TRITON_INTERPRET must be set before triton
+is first imported, and another test module may already have imported it in this pytest process, so
+every interpreter check runs in ONE subprocess (this file run as a script with `--worker`) that
+writes a JSON report; the tests below read their entry of it. Tests marked `gpu` run the compiled
+kernels in-process on CUDA and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GRAD_NAMES = ["y", "x", "gates", "w_down", "b_down", "w_up", "b_up"]
+
+# name -> (T, d, r, E, k, dtype, activation, extra make_case kwargs). Under the interpreter BM = 16
+# rows per tile and BD = min(64, next_pow2(d)) columns per step; BR = next_pow2(max(r, 16)).
+CASES = {
+    "empty-expert-relu": (7, 5, 3, 4, 2, "float32", "relu", {"experts": [0, 1, 3]}),
+    "empty-expert-gelu": (7, 5, 3, 4, 2, "float32", "gelu", {"experts": [0, 1, 3]}),
+    "odd-d-r-multi-tile-relu": (37, 70, 20, 5, 2, "float32", "relu", {}),
+    "odd-d-r-multi-tile-gelu": (37, 70, 20, 5, 2, "float32", "gelu", {}),
+    "r-over-32-repeats": (29, 130, 33, 3, 3, "float32", "relu", {"distinct": False}),
+    "many-tiles-one-expert": (50, 24, 8, 2, 1, "float32", "relu", {"experts": [1]}),
+    "e8-k2": (45, 48, 16, 8, 2, "float32", "gelu", {}),
+    "single-token": (1, 3, 1, 1, 1, "float32", "relu", {}),
+    "no-tokens": (0, 6, 3, 5, 2, "float32", "relu", {}),
+    "fp16-relu": (20, 16, 4, 4, 2, "float16", "relu", {}),
+    "fp16-gelu-odd": (40, 72, 12, 6, 2, "float16", "gelu", {}),
+    "bf16-via-fp32-operands": (20, 16, 4, 4, 2, "bfloat16", "relu", {}),
+}
+TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def _worker(report: Path) -> None:
+    """Run every check under the interpreter; write {name: {"ok": bool, "msg": str, "s": seconds}}."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from test_kernels_routed import grads, make_case
+
+    from petl_tpr.kernels import RoutingError, routed_adapters, routed_adapters_reference, select_impl
+    from petl_tpr.kernels.triton import routed_adapters_triton
+
+    results = {}
+
+    def check(name, fn):
+        start = time.perf_counter()
+        try:
+            fn()
+            results[name] = {"ok": True, "msg": ""}
+        except Exception as error:   # noqa: BLE001 - reported to the test
+            results[name] = {"ok": False, "msg": f"{type(error).__name__}: {error}"}
+        results[name]["s"] = round(time.perf_counter() - start, 3)
+
+    def against_reference(T, d, r, E, k, dtype, activation, extra):
+        case = make_case(T, d, r, E, k, dtype=getattr(torch, dtype), **extra)
+        got = grads(routed_adapters_triton, case, activation)
+        want = grads(routed_adapters_reference, case, activation)
+        tol = TOL[dtype]
+        for name, a, b in zip(GRAD_NAMES, [got[0], *got[1]], [want[0], *want[1]]):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+            scale = max(1.0, float(b.double().abs().max())) if b.numel() else 1.0   # fp16 sums of many terms
+            torch.testing.assert_close(a.double(), b.double(), atol=tol * scale, rtol=tol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        if extra.get("experts") is not None:   # unused experts get exactly zero weight gradients
+            unused = sorted(set(range(E)) - set(extra["experts"]))
+            for g in got[1][2:]:
+                assert not g[unused].any()
+
+    for name, spec in CASES.items():
+        check(name, lambda spec=spec: against_reference(*spec))
+
+    def random_sweep():   # sizes drawn from a seeded generator (hypothesis would re-run the interpreter a lot)
+        rng = torch.Generator().manual_seed(1234)
+        draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=rng))   # noqa: E731
+        for i in range(20):
+            E, distinct = draw(1, 9), bool(draw(0, 1))
+            k = draw(1, E) if distinct else draw(1, E + 1)
+            spec = (draw(0, 40), draw(1, 80), draw(1, 40), E, k, "float32", ["relu", "gelu"][i % 2],
+                    {"distinct": distinct, "seed": i})
+            try:
+                against_reference(*spec)
+            except AssertionError as error:
+                raise AssertionError(f"{spec}: {error}") from error
+
+    def mixed_dtypes():
+        x, ids, gates, *weights = make_case(10, 8, 2, 3, 2, dtype=torch.float32)
+        x, gates = x.bfloat16().requires_grad_(), gates.bfloat16().requires_grad_()
+        weights = [w.requires_grad_() for w in weights]
+        y = routed_adapters_triton(x, ids, gates, *weights)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert x.grad.dtype == gates.grad.dtype == torch.bfloat16
+        assert all(w.grad.dtype == torch.float32 for w in weights)
+        torch.testing.assert_close(y, routed_adapters_reference(x, ids, gates, *weights), atol=2e-2, rtol=2e-2)
+
+    def dispatch():
+        case = make_case(6, 5, 2, 3, 2, dtype=torch.float32)
+        assert select_impl("auto", torch.device("cpu")) == "torch"        # auto stays torch on the CPU
+        assert select_impl("triton", torch.device("cpu")) == "triton"     # forced: runs under the interpreter
+        torch.testing.assert_close(routed_adapters(*case, impl="triton"), routed_adapters_reference(*case))
+        os.environ["PETL_TPR_MOA_IMPL"] = "triton"
+        try:
+            torch.testing.assert_close(routed_adapters(*case), routed_adapters_reference(*case))
+        finally:
+            del os.environ["PETL_TPR_MOA_IMPL"]
+
+    def bad_ids():
+        x, ids, *rest = make_case(5, 6, 3, 4, 2, dtype=torch.float32)
+        for bad, found in ((4, "found 4"), (-1, "found -1")):
+            try:
+                routed_adapters_triton(x, ids.clone().index_fill_(0, torch.tensor([2]), bad), *rest)
+            except RoutingError as error:
+                assert found in str(error), error
+            else:
+                raise AssertionError(f"id {bad} was accepted")
+        try:
+            routed_adapters_triton(x, ids, *rest, activation="tanh")
+        except RoutingError:
+            pass
+        else:
+            raise AssertionError("activation tanh was accepted")
+
+    def float64_goes_to_torch():
+        case = make_case(9, 7, 3, 3, 2)
+        torch.testing.assert_close(routed_adapters_triton(*case), routed_adapters_reference(*case))
+
+    def opcheck():
+        from petl_tpr.kernels.triton import moa_routed_fwd
+        x, ids, gates, *weights = make_case(9, 20, 5, 3, 2, dtype=torch.float32)
+        args = [x.requires_grad_(), ids, gates.requires_grad_(), *[w.requires_grad_() for w in weights], "gelu"]
+        torch.library.opcheck(moa_routed_fwd, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def deterministic_weight_grads():
+        case = make_case(40, 33, 6, 3, 2, dtype=torch.float32)
+        first, second = grads(routed_adapters_triton, case)[1], grads(routed_adapters_triton, case)[1]
+        for a, b in zip(first[2:], second[2:]):
+            assert torch.equal(a, b)
+
+    for name, fn in (("random-sweep", random_sweep), ("mixed-dtypes", mixed_dtypes), ("dispatch", dispatch), ("bad-ids", bad_ids),
+                     ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck),
+                     ("deterministic-weight-grads", deterministic_weight_grads)):
+        check(name, fn)
+    report.write_text(json.dumps(results, indent=1))
+
+
+EXTRA = ["random-sweep", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "deterministic-weight-grads"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_report(tmp_path_factory):
+    pytest.importorskip("triton")
+    report = tmp_path_factory.mktemp("triton") / "report.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PETL_TPR_MOA_IMPL", None)
+    done = subprocess.run([sys.executable, __file__, "--worker", str(report)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and report.exists(), f"worker failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("name", list(CASES) + EXTRA)
+def test_interpreter(interpreter_report, name):
+    entry = interpreter_report[name]
+    assert entry["ok"], entry["msg"]
+
+
+def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
+    from petl_tpr.kernels import RoutingError, select_impl
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert select_impl("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RoutingError, match="Triton.*not available.*TRITON_INTERPRET"):
+        select_impl("triton", torch.device("cpu"))
+
+
+# ---- compiled kernels on a GPU --------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(37, 70, 20, 5, 2), (4000, 768, 96, 6, 2), (2000, 512, 64, 64, 2)])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cuda_matches_reference(dtype, shape, activation):
+    from test_kernels_routed import grads, make_case
+
+    from petl_tpr.kernels import routed_adapters_reference
+    from petl_tpr.kernels.triton import routed_adapters_triton
+    case = [t.cuda() for t in make_case(*shape, dtype=getattr(torch, dtype))]
+    got, want = grads(routed_adapters_triton, case, activation), grads(routed_adapters_reference, case, activation)
+    tol = 10 * TOL[dtype] if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else TOL[dtype]
+    for name, a, b in zip(GRAD_NAMES, [got[0], *got[1]], [want[0], *want[1]]):
+        scale = max(1.0, float(b.double().abs().max()))
+        torch.testing.assert_close(a.double(), b.double(), atol=4 * tol * scale, rtol=4 * tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_auto_picks_triton_and_compiles_without_graph_break():
+    from test_kernels_routed import make_case
+
+    from petl_tpr.kernels import routed_adapters, routed_adapters_reference, select_impl
+    assert select_impl("auto", torch.device("cuda")) == "triton"
+    case = [t.cuda() for t in make_case(300, 64, 16, 4, 2, dtype=torch.float32)]
+    compiled = torch.compile(lambda *a: routed_adapters(*a, impl="triton") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(*case), 2 * routed_adapters_reference(*case), atol=1e-3, rtol=1e-3)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(Path(sys.argv[2]))
