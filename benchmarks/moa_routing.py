@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from petl_tpr.kernels import dense_all_experts, routed_adapters_reference, routed_adapters_torch  # noqa: E402
+from petl_tpr.kernels import (dense_all_experts, routed_adapters_reference, routed_adapters_torch,  # noqa: E402
+                              routed_adapters_triton, triton_available)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"vision": {"T": 32 * 193, "d": 768, "r": 96}, "text": {"T": 32 * 77, "d": 512, "r": 64}}
@@ -41,11 +42,13 @@ def _dense_fits(T: int, d: int, r: int, E: int) -> bool:
     return E * T * d * 4 <= DENSE_LIMIT_BYTES
 
 
-# name -> (function, available(device), fits(T, d, r, E)). The Triton issue adds its row here.
+# name -> (function, available(device), fits(T, d, r, E)). "triton" runs on CUDA only (never the interpreter).
 IMPLEMENTATIONS: dict[str, tuple[Callable, Callable[[torch.device], bool], Callable[..., bool]]] = {
     "reference": (routed_adapters_reference, lambda device: True, lambda *shape: True),
     "torch": (routed_adapters_torch, lambda device: True, lambda *shape: True),
     "dense": (dense_all_experts, lambda device: True, _dense_fits),
+    "triton": (routed_adapters_triton, lambda device: device.type == "cuda" and triton_available(device),
+               lambda *shape: True),
 }
 
 
