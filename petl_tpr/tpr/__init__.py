@@ -20,16 +20,21 @@ from .torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_ima
 from .transforms import (CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform,
                          build_transform)
 
-_LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "write_synthetic": "synthetic"}
+_LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "write_synthetic": "synthetic",
+         "DualEncoder": "models", "build_clip": "models", "load_clip": "models", "resolve_source": "models",
+         "GridVisionEmbeddings": "position", "resize_grid_embedding": "position",
+         "resize_position_embedding": "position"}
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "CONTEXT_LENGTH", "CaptionDataset", "ClipTokenizer", "DatasetError", "EOT_ID",
-    "EvalSplit", "IGNORE_INDEX", "IdentityLoss", "ImageDataset", "ImageTextDataset", "MASK_ID", "MaskingConfig",
-    "PersonRetrievalData", "RetrievalMetrics", "SDM_EPSILON", "SDM_TEMPERATURE", "SOT_ID", "SyntheticConfig",
-    "TaskInputError", "TokenizerError", "TrainSample", "TransformConfig", "VOCAB_SIZE", "build_dataset",
-    "build_test_transform", "build_train_transform", "build_transform", "dataset_names", "load_image",
-    "mask_caption_ids", "masked_caption_generator", "masked_token_loss", "metrics_from_similarity", "rank_scores",
-    "retrieval_metrics", "sdm_loss", "synthetic_records", "write_synthetic",
+    "CLIP_MEAN", "CLIP_STD", "CONTEXT_LENGTH", "CaptionDataset", "ClipTokenizer", "DatasetError", "DualEncoder",
+    "EOT_ID", "EvalSplit", "GridVisionEmbeddings", "IGNORE_INDEX", "IdentityLoss", "ImageDataset",
+    "ImageTextDataset", "MASK_ID", "MaskingConfig", "PersonRetrievalData", "RetrievalMetrics", "SDM_EPSILON",
+    "SDM_TEMPERATURE", "SOT_ID", "SyntheticConfig", "TaskInputError", "TokenizerError", "TrainSample",
+    "TransformConfig", "VOCAB_SIZE", "build_clip", "build_dataset", "build_test_transform",
+    "build_train_transform", "build_transform", "dataset_names", "load_clip", "load_image", "mask_caption_ids",
+    "masked_caption_generator", "masked_token_loss", "metrics_from_similarity", "rank_scores",
+    "resize_grid_embedding", "resize_position_embedding", "resolve_source", "retrieval_metrics", "sdm_loss",
+    "synthetic_records", "write_synthetic",
 ]
 
 
