@@ -141,6 +141,16 @@ def _worker(report: Path) -> None:
         torch.library.opcheck(moa_routed_fwd, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
+    def compile_fullgraph():   # aot_eager: traces forward and backward through the fake impls, no C++ compile
+        case = make_case(30, 20, 5, 4, 2, dtype=torch.float32)
+        compiled = torch.compile(lambda *a, activation: routed_adapters(*a, impl="triton", activation=activation) * 2,
+                                 fullgraph=True, backend="aot_eager")
+        got = grads(compiled, case, "gelu", seed=3)
+        want = grads(lambda *a, activation: routed_adapters_reference(*a, activation=activation) * 2, case, "gelu",
+                     seed=3)
+        for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
     def deterministic_weight_grads():
         case = make_case(40, 33, 6, 3, 2, dtype=torch.float32)
         first, second = grads(routed_adapters_triton, case)[1], grads(routed_adapters_triton, case)[1]
@@ -148,13 +158,14 @@ def _worker(report: Path) -> None:
             assert torch.equal(a, b)
 
     for name, fn in (("random-sweep", random_sweep), ("mixed-dtypes", mixed_dtypes), ("dispatch", dispatch), ("bad-ids", bad_ids),
-                     ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck),
+                     ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck), ("compile-fullgraph", compile_fullgraph),
                      ("deterministic-weight-grads", deterministic_weight_grads)):
         check(name, fn)
     report.write_text(json.dumps(results, indent=1))
 
 
-EXTRA = ["random-sweep", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "deterministic-weight-grads"]
+EXTRA = ["random-sweep", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
+         "deterministic-weight-grads"]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +224,7 @@ def test_cuda_matches_reference(dtype, shape, activation):
 def test_cuda_auto_picks_triton_and_compiles_without_graph_break():
     from test_kernels_routed import make_case
 
+    import petl_tpr.kernels.triton  # noqa: F401 - imported before tracing
     from petl_tpr.kernels import routed_adapters, routed_adapters_reference, select_impl
     assert select_impl("auto", torch.device("cuda")) == "triton"
     case = [t.cuda() for t in make_case(300, 64, 16, 4, 2, dtype=torch.float32)]

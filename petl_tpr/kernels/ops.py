@@ -42,8 +42,11 @@ IMPLS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None   # found, not imported; once (torch.compile-friendly)
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def _interpreter_on() -> bool:
