@@ -238,3 +238,20 @@ def test_up_person_injects_into_both(kind):
     (image_features.sum() + text_features.sum()).backward()
     assert all(p.grad is not None for p in trainable)
     assert not torch.equal(plain[1], text_features.detach())   # S-Prefix already moves the features
+
+
+def test_open_clip_local_dir_resizes_in_place(open_clip_saved):
+    """open_clip's own folder format goes through create_model and then the in-place resize."""
+    import json
+
+    clip, folder = open_clip_saved
+    local = folder / "local"
+    local.mkdir()
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {}}))
+    (folder / "tiny.safetensors").rename(local / "open_clip_model.safetensors")
+    assert tpr.resolve_source(local) == "open_clip"
+    model = tpr.load_clip(local)
+    reference = tpr.load_clip("tpr-tiny", pretrained=folder / "tiny.pt")
+    assert model.image_size == (384, 128) and model.clip.visual.preprocess_cfg["size"] == (384, 128)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
