@@ -31,7 +31,15 @@ from petl_tpr.kernels import (dense_all_experts, routed_adapters_reference, rout
                               routed_adapters_triton, triton_available)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = {"vision": {"T": 32 * 193, "d": 768, "r": 96}, "text": {"T": 32 * 77, "d": 512, "r": 64}}
+def shapes(batch: int) -> dict[str, dict[str, int]]:
+    """DM-Adapter's per-layer shapes at a batch size (issue 4: 32 on CPU; issue 5: 128 on a GPU)."""
+    return {"vision": {"T": batch * 193, "d": 768, "r": 96}, "text": {"T": batch * 77, "d": 512, "r": 64}}
+
+
+SHAPES = shapes(32)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# peak memory bandwidth (GB/s) by device-name fragment, for the roofline column; --peak-gbs overrides
+PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
 EXPERTS, TOP_K = 6, 2
 E_SWEEP = (2, 4, 8, 16, 32, 64)
 T_SWEEP = (1024, 2048, 4096, 8192, 12288)
@@ -52,14 +60,27 @@ IMPLEMENTATIONS: dict[str, tuple[Callable, Callable[[torch.device], bool], Calla
 }
 
 
-def make_inputs(T: int, d: int, r: int, E: int, k: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+def minimal_bytes(T: int, d: int, r: int, E: int, k: int, element: int) -> int:
+    """The op's least memory traffic: read x, the ids, the gates and every weight once; write y once."""
+    return element * (2 * T * d + T * k + E * (2 * d * r + r + d)) + 8 * T * k
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    for fragment, gbs in PEAK_GBS.items():
+        if fragment in device_name:
+            return gbs
+    return None
+
+
+def make_inputs(T: int, d: int, r: int, E: int, k: int, device: torch.device, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Router-like inputs: ids = top-k of random logits, gates = softmax of those; all floats require grad."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(T, E, generator=g)
     top, ids = logits.topk(k, dim=-1)
     tensors = [torch.randn(T, d, generator=g), top.softmax(-1), torch.randn(E, d, r, generator=g) / d ** 0.5,
                torch.zeros(E, r), torch.randn(E, r, d, generator=g) / r ** 0.5, torch.zeros(E, d)]
-    x, gates, *weights = [t.to(device).requires_grad_() for t in tensors]
+    x, gates, *weights = [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
     return [x, ids.to(device), gates, *weights]
 
 
@@ -95,19 +116,25 @@ def measure(impls: dict[str, Callable], inputs: list[torch.Tensor], *, repeats: 
     return median, best
 
 
-def case(T: int, d: int, r: int, E: int, k: int, device: torch.device, repeats: int, warmup: int) -> dict:
-    """One shape: timings of every implementation that runs on the device and fits, plus ratios."""
+def case(T: int, d: int, r: int, E: int, k: int, device: torch.device, repeats: int, warmup: int,
+         dtype: torch.dtype = torch.float32, peak_gbs: float | None = None) -> dict:
+    """One shape: timings of every implementation that runs on the device and fits, plus ratios,
+    achieved forward bandwidth (minimal bytes / forward time) and its share of the device's peak."""
     impls = {name: fn for name, (fn, available, fits) in IMPLEMENTATIONS.items()
              if available(device) and fits(T, d, r, E)}
-    inputs = make_inputs(T, d, r, E, k, device)
+    inputs = make_inputs(T, d, r, E, k, device, dtype=dtype)
     with torch.no_grad():   # sanity: every implementation agrees with the reference
         expected = routed_adapters_reference(*inputs)
         errors = {name: float((fn(*inputs) - expected).abs().max()) for name, fn in impls.items() if T}
     timings, best = measure(impls, inputs, repeats=repeats, warmup=warmup, device=device)
     ref = timings.get("reference")
     speedup = {name: {key: round(ref[key] / t[key], 3) for key in t} for name, t in timings.items()} if ref else {}
+    nbytes = minimal_bytes(T, d, r, E, k, torch.finfo(dtype).bits // 8)
+    bandwidth = {name: round(nbytes / (t["fwd_ms"] * 1e-3) / 1e9, 2) for name, t in timings.items() if t["fwd_ms"] > 0}
+    roofline = {name: round(100 * gbs / peak_gbs, 1) for name, gbs in bandwidth.items()} if peak_gbs else None
     return {"T": T, "d": d, "r": r, "E": E, "k": k, "ms": timings, "min_ms": best, "speedup_vs_reference": speedup,
-            "max_abs_diff_vs_reference": errors, "skipped": sorted(set(IMPLEMENTATIONS) - set(impls))}
+            "max_abs_diff_vs_reference": errors, "skipped": sorted(set(IMPLEMENTATIONS) - set(impls)),
+            "minimal_bytes": nbytes, "fwd_bandwidth_gbs": bandwidth, "fwd_roofline_percent": roofline}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -169,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 9; quick 1)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--batch", type=int, default=32, help="images/captions per batch (issue 5's GPU targets: 128)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth, GB/s "
+                        "(default: looked up by device name for known GPUs)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -179,8 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     e_sweep = E_SWEEP[:3] if args.quick else E_SWEEP
     t_sweep = T_SWEEP[:2] if args.quick else T_SWEEP
 
+    info = machine_info(device)
+    peak = args.peak_gbs or (peak_bandwidth(info["device_name"]) if device.type == "cuda" else None)
+    dtype, table = DTYPES[args.dtype], shapes(args.batch)
+
     def run(T, d, r, E):
-        result = case(max(1, T // shrink), d, r, E, TOP_K, device, repeats, warmup)
+        result = case(max(1, T // shrink), d, r, E, TOP_K, device, repeats, warmup, dtype, peak)
         print(f"T={result['T']:6d} d={d} r={r} E={E:2d}: " + ", ".join(
             f"{name} {t['fwd_ms']:.1f}/{t['fwd_bwd_ms']:.1f} ms" for name, t in result["ms"].items()), flush=True)
         return result
@@ -189,13 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "moa_routing", "quick": args.quick, "repeats": repeats, "warmup": warmup,
         "timing": ("ms: median, min_ms: minimum over the repeats; fwd = forward with grad-requiring inputs, "
                    "fwd_bwd = forward + backward of y.sum()"),
-        "machine": machine_info(device),
-        "shapes": {name: run(s["T"], s["d"], s["r"], EXPERTS) for name, s in SHAPES.items()},
-        "e_sweep": [run(SHAPES["vision"]["T"], 768, 96, E) for E in e_sweep],
+        "machine": info, "batch": args.batch, "dtype": args.dtype, "peak_bandwidth_gbs": peak,
+        "shapes": {name: run(s["T"], s["d"], s["r"], EXPERTS) for name, s in table.items()},
+        "e_sweep": [run(table["vision"]["T"], 768, 96, E) for E in e_sweep],
         "t_sweep": [run(T, 768, 96, EXPERTS) for T in t_sweep],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"moa_routing_{device.type}"
+    suffix = "" if (args.batch, args.dtype) == (32, "float32") else f"_b{args.batch}_{args.dtype}"
+    stem = args.out / f"moa_routing_{device.type}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     if not args.no_plot:
         plot(results, stem.with_suffix(".png"))

@@ -1,4 +1,4 @@
-"""`petl-tpr` command line: quickstart, presets, inspect."""
+"""`petl-tpr` command line: quickstart, presets, inspect, bench."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"moa": "moa_routing.py", "forward": "forward_time.py", "memory": "train_memory.py"}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run a benchmark script of the source checkout (benchmarks/ is not part of the installed package)."""
+    from pathlib import Path
+    import runpy
+
+    from .errors import PetlError
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[args.name]
+    if not script.is_file():
+        raise PetlError(f"{script} not found: the benchmarks ship with the source repository, run from a checkout")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="petl-tpr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the spec as JSON")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("bench", help="run a benchmark: moa (routed mixture-of-adapters op), forward (forward time per "
+                                     "method), memory (training-step memory per method); options after the name go "
+                                     "to the script (e.g. --quick, --device cuda)")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     from .errors import PetlError
 

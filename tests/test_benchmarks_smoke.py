@@ -36,3 +36,24 @@ def test_train_memory_quick(tmp_path):
     assert 0 < rows["unipt"]["trainable"] < rows["unipt"]["total"]
     assert rows["unipt"]["peak_ratio_to_full"] < 1.0
     assert (tmp_path / "train_memory_cpu_quick.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_bench_runs_the_routing_benchmark(tmp_path):
+    from petl_tpr.cli import main
+
+    assert main(["bench", "moa", "--quick", "--no-plot", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "moa_routing_cpu.json").read_text())
+    vision = data["shapes"]["vision"]
+    assert vision["fwd_roofline_percent"] is None          # no peak bandwidth known for a CPU
+    assert set(vision["fwd_bandwidth_gbs"]) >= {"reference", "torch"}
+
+
+def test_routing_minimal_bytes_and_peak_lookup():
+    import moa_routing
+
+    # x and y (2 T d), gates (T k) and weights (E (2 d r + r + d)) at 2 bytes, ids at 8 bytes
+    assert moa_routing.minimal_bytes(10, 4, 2, 3, 2, 2) == 2 * (80 + 20 + 3 * (16 + 2 + 4)) + 8 * 20
+    assert moa_routing.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
+    assert moa_routing.peak_bandwidth("NVIDIA H100 PCIe") == 2000.0
+    assert moa_routing.peak_bandwidth("Intel Xeon") is None
