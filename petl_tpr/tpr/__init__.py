@@ -1,4 +1,4 @@
-"""Text-based person retrieval (TPR): data, tokenizer, transforms, losses and metrics.
+"""Text-based person retrieval (TPR): data, tokenizer, transforms, losses, metrics, evaluation, training.
 
 Importing this package needs torch only; Pillow is needed to read or draw images, torchvision for
 the transforms (imported on first use) and open_clip's BPE file for the tokenizer (located, not
@@ -23,10 +23,15 @@ from .transforms import (CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transf
 _LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "write_synthetic": "synthetic",
          "DualEncoder": "models", "build_clip": "models", "load_clip": "models", "resolve_source": "models",
          "GridVisionEmbeddings": "position", "resize_grid_embedding": "position",
-         "resize_position_embedding": "position"}
+         "resize_position_embedding": "position",
+         "SplitFeatures": "evaluation", "encode_split": "evaluation", "evaluate": "evaluation",
+         "OptimConfig": "schedule", "build_optimizer": "schedule", "build_scheduler": "schedule",
+         "lr_factor": "schedule", "param_groups": "schedule",
+         "TrainConfig": "trainer", "TrainingError": "trainer", "plot_history": "trainer", "train": "trainer"}
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "CONTEXT_LENGTH", "CaptionDataset", "ClipTokenizer", "DatasetError", "DualEncoder",
+    "CLIP_MEAN", "CLIP_STD", "OptimConfig", "SplitFeatures", "TrainConfig", "TrainingError", "build_optimizer",
+    "build_scheduler", "encode_split", "evaluate", "lr_factor", "param_groups", "plot_history", "train", "CONTEXT_LENGTH", "CaptionDataset", "ClipTokenizer", "DatasetError", "DualEncoder",
     "EOT_ID", "EvalSplit", "GridVisionEmbeddings", "IGNORE_INDEX", "IdentityLoss", "ImageDataset",
     "ImageTextDataset", "MASK_ID", "MaskingConfig", "PersonRetrievalData", "RetrievalMetrics", "SDM_EPSILON",
     "SDM_TEMPERATURE", "SOT_ID", "SyntheticConfig", "TaskInputError", "TokenizerError", "TrainSample",

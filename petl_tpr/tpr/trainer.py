@@ -1,0 +1,441 @@
+"""The training loop: SDM (+ ID) (+ router aux) losses on adapter parameters, per-epoch
+evaluation, adapter-only checkpoints and exact resume.
+
+    history = train(model, data, TrainConfig(out_dir="runs/a"), tokenizer=tok,
+                    train_transform=build_train_transform(), eval_transform=build_test_transform())
+
+Per epoch e (0-based): `ImageTextDataset.set_epoch(e)`, a shuffled `DataLoader` whose generator is
+seeded from (seed, e) (so the order, and the worker seeds, of an epoch do not depend on what ran
+before), forward under float16 autocast on CUDA only, loss =
+sdm_loss + [IdentityLoss] + [pt.aux_loss(model.clip)] (the aux terms carry their own weight),
+divided by `grad_accum`, an optimiser step every `grad_accum` batches and at the end of the
+epoch, then one scheduler step (see `schedule.py`). The epoch's record (mean losses, lr,
+time, metrics) is appended to `out_dir/metrics.jsonl` after its checkpoint is written.
+
+Files under `out_dir`:
+
+| file | content |
+|---|---|
+| `checkpoints/epoch_NNN.safetensors` | adapter tensors after epoch NNN (`pt.save_adapters`) |
+| `checkpoints/epoch_NNN.state.pt` | optimiser, scheduler, scaler, ID head, RNG states, history, best |
+| `checkpoints/latest.json` | `{"epoch", "adapters", "state"}`: the last complete checkpoint, written last |
+| `best.safetensors` | adapters of the epoch with the best eval R@1 (first such epoch on ties) |
+| `metrics.jsonl` | one JSON record per completed epoch |
+| `curves.png` | losses and eval metrics per epoch (matplotlib, when installed) |
+
+Every file but `metrics.jsonl` (appended) is written atomically, so a kill at any point leaves the
+previous checkpoint usable; `train(..., resume=True)` reloads it, rewrites `metrics.jsonl` from the
+saved history (dropping the lines of an epoch that never reached its checkpoint) and runs
+the remaining epochs with the same batches, augmentation draws and updates as an uninterrupted
+run. Not done yet: distributed data parallel (torchrun), an fp16 backbone, the MLM head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..atomic import write_atomic
+from ..errors import CheckpointError, PetlError
+from .datasets import EvalSplit, PersonRetrievalData
+from .errors import TaskInputError
+from .evaluation import _device_of, _progress, evaluate
+from .losses import IdentityLoss, sdm_loss
+from .masking import MaskingConfig
+from .models import DualEncoder
+from .schedule import OptimConfig, build_optimizer, build_scheduler
+from .tokenizer import ClipTokenizer
+from .torch_data import ImageTextDataset
+
+STATE_FORMAT = "petl-tpr-train-state"
+STATE_VERSION = 1
+EVAL_SPLITS = ("val", "test", "none")
+# Config fields that may change between a run and its resumption (they do not change the result).
+_RESUMABLE = {"out_dir", "num_workers", "progress", "plot", "keep_checkpoints", "eval_batch_size"}
+
+
+class TrainingError(PetlError, RuntimeError):
+    """Training cannot go on (the loss became non-finite)."""
+
+
+def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TaskInputError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one run; the defaults are the reference recipe (REFERENCE.md section 0).
+
+    `batch_size` is the loader batch (the SDM batch); `grad_accum` batches make one optimiser step.
+    `amp` applies on CUDA only (float16 autocast + GradScaler); on CPU it is ignored.
+    `eval_split`: "val" evaluates on `data.val` when the dataset has one (nothing otherwise),
+    "test" on the test split (explicit opt-in: selecting on test is what the reference did),
+    "none" never. Evaluation runs every `eval_every` epochs and after the last one.
+    `mask_captions`: the contrastive losses see masked captions (`MaskingConfig()`), as in the
+    reference runs. `keep_checkpoints`: how many epoch checkpoints stay on disk (oldest pruned).
+    """
+
+    out_dir: Path
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-3
+    weight_decay: float = 4e-5
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.1
+    seed: int = 1
+    grad_accum: int = 1
+    amp: bool = True
+    id_loss: bool = False
+    aux_loss: bool = True
+    mask_captions: bool = False
+    drop_last: bool = False
+    num_workers: int = 0
+    eval_split: str = "val"
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    keep_checkpoints: int = 2
+    plot: bool = True
+    progress: bool | None = None
+    optim: OptimConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise TaskInputError(f"TrainConfig.out_dir must be a path, got {self.out_dir!r}")
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "keep_checkpoints"):
+            _positive_int("TrainConfig", name, getattr(self, name))
+        _positive_int("TrainConfig", "num_workers", self.num_workers, 0)
+        _positive_int("TrainConfig", "seed", self.seed, 0)
+        if self.eval_split not in EVAL_SPLITS:
+            raise TaskInputError(f"TrainConfig.eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
+        for name in ("amp", "id_loss", "aux_loss", "mask_captions", "drop_last", "plot"):
+            if not isinstance(getattr(self, name), bool):
+                raise TaskInputError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        # checks lr, betas, eps, weight_decay, epochs, warmup
+        object.__setattr__(self, "optim", OptimConfig(
+            lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, epochs=self.epochs,
+            warmup_epochs=self.warmup_epochs, warmup_factor=self.warmup_factor))
+
+    def to_json(self) -> dict:
+        """The settings as JSON-ready values (stored in checkpoints, compared on resume)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        out["out_dir"], out["betas"] = str(self.out_dir), list(self.betas)
+        return out
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        name, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the shuffling generator of (0-based) `epoch`."""
+    return seed * 1_000_003 + epoch
+
+
+# ------------------------------------------------------------------------------------- run files
+
+
+class RunFiles:
+    """Paths and atomic writers of one run directory (see the module docstring)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root = Path(out_dir)
+        self.checkpoints = self.root / "checkpoints"
+        self.latest = self.checkpoints / "latest.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.best = self.root / "best.safetensors"
+        self.curves = self.root / "curves.png"
+
+    def adapters(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.safetensors"
+
+    def state(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.state.pt"
+
+    def read_latest(self) -> dict | None:
+        if not self.latest.exists():
+            return None
+        try:
+            latest = json.loads(self.latest.read_text(encoding="utf-8"))
+            epoch = int(latest["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{self.latest}: unreadable checkpoint pointer: {error}") from None
+        for path in (self.adapters(epoch), self.state(epoch)):
+            if not path.exists():
+                raise CheckpointError(f"{self.latest} names epoch {epoch} but {path} is missing")
+        return {"epoch": epoch}
+
+    def write_latest(self, epoch: int) -> None:
+        text = json.dumps({"epoch": epoch, "adapters": self.adapters(epoch).name, "state": self.state(epoch).name})
+        write_atomic(self.latest, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def prune(self, keep_from: int) -> None:
+        """Delete epoch checkpoints older than epoch `keep_from`."""
+        for path in self.checkpoints.glob("epoch_*"):
+            try:
+                epoch = int(path.name[len("epoch_"):].split(".")[0])
+            except ValueError:
+                continue
+            if epoch < keep_from:
+                path.unlink(missing_ok=True)
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        text = "".join(json.dumps(record) + "\n" for record in history)
+        write_atomic(self.metrics, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> Path | None:
+    """Loss and eval-metric curves per epoch as a PNG (matplotlib's Agg canvas, no global backend
+    change). Returns the path, or None when matplotlib is not installed or there is nothing to draw."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if not history:
+        return None
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    losses, scores = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    epochs = [r["epoch"] for r in history]
+    for key in ("loss", "sdm", "id", "aux"):
+        if any(r.get(key) for r in history):
+            losses.plot(epochs, [r[key] for r in history], marker="o", label=key)
+    losses.set(xlabel="epoch", title="training loss")
+    losses.legend()
+    for split in ("val", "test"):
+        points = [(r["epoch"], r[split]) for r in history if split in r]
+        for metric in ("R@1", "R@5", "mAP"):
+            if points:
+                scores.plot([e for e, _ in points], [m[metric] for _, m in points], marker="o",
+                            label=f"{split} {metric}")
+    scores.set(xlabel="epoch", ylabel="%", title="text -> image")
+    if scores.lines:
+        scores.legend()
+    figure.tight_layout()
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def _eval_target(data: PersonRetrievalData, config: TrainConfig) -> EvalSplit | None:
+    if config.eval_split == "val":
+        return data.val
+    return data.test if config.eval_split == "test" else None
+
+
+def _check_resume_config(saved: dict, config: TrainConfig, path: Path) -> None:
+    now = config.to_json()
+    changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise CheckpointError(f"{path}: cannot resume with changed settings ({details}); "
+                              f"use a new out_dir or the saved settings")
+
+
+def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLoss | None, optimizer, scaler,
+                 config: TrainConfig, device: torch.device, amp: bool, epoch: int) -> dict:
+    """One pass over `loader`; returns mean losses and counts."""
+    import petl_tpr as pt
+
+    model.train()
+    caption_key = "mlm_ids" if config.mask_captions else "caption_ids"
+    sums = torch.zeros(4, dtype=torch.float64, device=device)   # loss, sdm, id, aux
+    steps = samples = 0
+    optimizer.zero_grad(set_to_none=True)
+    batches = _progress(loader, total=len(loader), desc=f"epoch {epoch + 1}", enabled=config.progress)
+    for step, batch in enumerate(batches):
+        images = batch["image"].to(device, non_blocking=True)
+        ids = batch[caption_key].to(device, non_blocking=True)
+        pids = batch["pid"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            image_features, text_features = model(images, ids)
+            sdm = sdm_loss(image_features, text_features, pids)
+            zero = sdm.new_zeros(())
+            ident = id_head(image_features, text_features, pids) if id_head is not None else zero
+            aux = pt.aux_loss(model.clip).float() if config.aux_loss else zero
+            loss = sdm + ident + aux
+        scaler.scale(loss / config.grad_accum).backward()
+        if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        sums += torch.stack([loss.detach(), sdm.detach(), ident.detach(), aux.detach()]).double() * len(pids)
+        samples += len(pids)
+    means = (sums / max(samples, 1)).tolist()
+    if not all(math.isfinite(v) for v in means):
+        raise TrainingError(f"the training loss became non-finite in epoch {epoch + 1} "
+                            f"(loss {means[0]}, sdm {means[1]}, id {means[2]}, aux {means[3]})")
+    return {"loss": means[0], "sdm": means[1], "id": means[2], "aux": means[3], "steps": steps, "samples": samples}
+
+
+def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *, tokenizer: ClipTokenizer,
+          train_transform: Callable, eval_transform: Callable | None = None, resume: bool = False,
+          stop_after: int | None = None, device: str | torch.device | None = None) -> list[dict]:
+    """Train the adapters injected in `model.clip` on `data.train`; returns the per-epoch history.
+
+    `train_transform` / `eval_transform` map a PIL image to `(3, H, W)` at the model's image size
+    (`eval_transform` is needed only when an evaluation split is used). `device` defaults to the
+    model's. `resume=True` continues from `out_dir/checkpoints/latest.json` (from scratch when
+    there is none); without it an `out_dir` that already holds a checkpoint is refused.
+    `stop_after=N` returns after (1-based) epoch N, checkpoint written, without changing the
+    schedule: a run split into `stop_after` slices and resumed equals one uninterrupted run.
+    Each history record: {"epoch" (1-based), "lr", "loss", "sdm", "id", "aux", "steps", "samples",
+    "train_s"} plus, on evaluated epochs, {"val" or "test": {"R@1", ..., "mINP", ...}, "eval_s"}.
+    """
+    import petl_tpr as pt
+    from ..api import get_injection
+
+    if not isinstance(model, DualEncoder):
+        raise TaskInputError(f"model must be a DualEncoder, got {type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TaskInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if get_injection(model.clip) is None:
+        raise TaskInputError("model.clip has no adapters: call pt.inject(model.clip, ...) before train")
+    eval_split = _eval_target(data, config)
+    if eval_split is not None and eval_transform is None:
+        raise TaskInputError(f"eval_split={config.eval_split!r} needs an eval_transform")
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device)
+    amp = config.amp and device.type == "cuda"
+    files = RunFiles(config.out_dir)
+    latest = files.read_latest()
+    if latest is not None and not resume:
+        raise CheckpointError(f"{config.out_dir} already holds a run (epoch {latest['epoch']}); pass resume=True "
+                              f"to continue it or choose another out_dir")
+
+    _seed_all(config.seed)
+    id_head = None
+    if config.id_loss:
+        id_head = IdentityLoss(num_ids=data.num_train_ids, feature_dim=model.embed_dim).to(device)
+    optimizer = build_optimizer([model] + ([id_head] if id_head is not None else []), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    history: list[dict] = []
+    best: dict | None = None
+    start = 0
+    if latest is not None:
+        start = latest["epoch"]
+        state_path = files.state(start)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is a checkpoint problem
+            raise CheckpointError(f"cannot read {state_path}: {error}") from None
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{state_path} is not a {STATE_FORMAT} v{STATE_VERSION} file")
+        _check_resume_config(state["config"], config, state_path)
+        pt.load_adapters(model.clip, files.adapters(start))
+        if id_head is not None:
+            id_head.load_state_dict(state["id_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best = list(state["history"]), state["best"]
+        _set_rng_state(state["rng"])
+    files.root.mkdir(parents=True, exist_ok=True)
+    files.rewrite_metrics(history)
+
+    dataset = ImageTextDataset(data.train, transform=train_transform, tokenizer=tokenizer,
+                               masking=MaskingConfig() if config.mask_captions else None, seed=config.seed)
+    if stop_after is not None:
+        _positive_int("train", "stop_after", stop_after)
+    end = config.epochs if stop_after is None else min(stop_after, config.epochs)
+    for epoch in range(start, end):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=config.drop_last,
+                            generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        if len(loader) == 0:
+            raise TaskInputError(f"no training batch: {len(dataset)} samples, batch_size {config.batch_size}, "
+                                 f"drop_last={config.drop_last}")
+        lr = optimizer.param_groups[0]["lr"]
+        began = time.perf_counter()
+        record = {"epoch": epoch + 1, "lr": lr,
+                  **_train_epoch(model, loader, id_head=id_head, optimizer=optimizer, scaler=scaler, config=config,
+                                 device=device, amp=amp, epoch=epoch)}
+        record["train_s"] = round(time.perf_counter() - began, 3)
+        scheduler.step()
+        last = epoch + 1 == config.epochs
+        if eval_split is not None and ((epoch + 1) % config.eval_every == 0 or last):
+            began = time.perf_counter()
+            metrics = evaluate(model, eval_split, tokenizer=tokenizer, transform=eval_transform,
+                               batch_size=config.eval_batch_size, num_workers=config.num_workers, amp=amp,
+                               progress=config.progress)
+            record[config.eval_split], record["eval_s"] = metrics, round(time.perf_counter() - began, 3)
+            if best is None or metrics["R@1"] > best["R@1"]:
+                best = {"epoch": epoch + 1, "split": config.eval_split, **metrics}
+                pt.save_adapters(model.clip, files.best, extra={"epoch": str(epoch + 1)})
+        history.append(record)
+        _save_checkpoint(files, epoch + 1, model=model, id_head=id_head, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, config=config, history=history, best=best)
+        files.append_metrics(record)
+    if config.plot:
+        plot_history(history, files.curves)
+    return history
+
+
+def _save_checkpoint(files: RunFiles, epoch: int, *, model: DualEncoder, id_head: IdentityLoss | None, optimizer,
+                     scheduler, scaler, config: TrainConfig, history: list[dict], best: dict | None) -> None:
+    """Adapters, then the sidecar state, then the `latest.json` pointer; then prune old epochs."""
+    import petl_tpr as pt
+
+    pt.save_adapters(model.clip, files.adapters(epoch), extra={"epoch": str(epoch)})
+    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "config": config.to_json(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "id_head": id_head.state_dict() if id_head is not None else None,
+             "rng": _rng_state(), "history": history, "best": best}
+    write_atomic(files.state(epoch), lambda tmp: torch.save(state, tmp))
+    files.write_latest(epoch)
+    files.prune(epoch - config.keep_checkpoints + 1)
