@@ -1,4 +1,4 @@
-"""`petl-tpr` command line: quickstart, presets, inspect, bench."""
+"""`petl-tpr` command line: quickstart, presets, inspect, bench, train."""
 
 from __future__ import annotations
 
@@ -43,6 +43,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .tpr.run_config import load_run_config, run_training
+
+    config = load_run_config(args.config)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
+    out = args.out or f"runs/{config.preset.replace(':', '_')}_{config.dataset}"
+    history = run_training(config, data_root=args.data_root, backbone=args.backbone, pretrained=args.pretrained,
+                           out_dir=out, resume=args.resume, overrides=overrides, stop_after=args.stop_after)
+    last = history[-1] if history else {}
+    print(f"trained {len(history)} epoch(s) into {out}; last epoch: "
+          + json.dumps({k: v for k, v in last.items() if k in ("epoch", "loss", "val", "test")}))
+    return 0
+
+
 BENCHMARKS = {"moa": "moa_routing.py", "forward": "forward_time.py", "memory": "train_memory.py"}
 
 
@@ -83,6 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
+    p = sub.add_parser("train", help="train a paper's recipe (configs/*.toml) on a dataset directory")
+    p.add_argument("--config", required=True, help="run config .toml (see configs/)")
+    p.add_argument("--data-root", required=True, help="directory holding CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/")
+    p.add_argument("--backbone", required=True, help="transformers CLIP directory/name, open_clip arch or checkpoint")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>_<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="return after this epoch (checkpoint written, schedule unchanged); continue with --resume")
+    p.set_defaults(func=_train)
     args = parser.parse_args(argv)
     from .errors import PetlError
 
