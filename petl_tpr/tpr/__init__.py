@@ -27,7 +27,7 @@ _LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "writ
          "SplitFeatures": "evaluation", "encode_split": "evaluation", "evaluate": "evaluation",
          "OptimConfig": "schedule", "build_optimizer": "schedule", "build_scheduler": "schedule",
          "lr_factor": "schedule", "param_groups": "schedule",
-         "TrainConfig": "trainer", "TrainingError": "trainer", "plot_history": "trainer", "train": "trainer"}
+         "TrainConfig": "trainer", "TrainingError": "trainer", "plot_history": "run_files", "train": "trainer"}
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "OptimConfig", "SplitFeatures", "TrainConfig", "TrainingError", "build_optimizer",

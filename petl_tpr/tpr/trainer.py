@@ -23,6 +23,8 @@ Files under `out_dir`:
 | `metrics.jsonl` | one JSON record per completed epoch |
 | `curves.png` | losses and eval metrics per epoch (matplotlib, when installed) |
 
+(The run directory itself, its writers and the RNG-state helpers live in `run_files.py`.)
+
 Every file but `metrics.jsonl` (appended) is written atomically, so a kill at any point leaves the
 previous checkpoint usable; `train(..., resume=True)` reloads it, rewrites `metrics.jsonl` from the
 saved history (dropping the lines of an epoch that never reached its checkpoint) and runs
@@ -32,11 +34,8 @@ run. Not done yet: distributed data parallel (torchrun), an fp16 backbone, the M
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -55,6 +54,7 @@ from .masking import MaskingConfig
 from .models import DualEncoder
 from .schedule import OptimConfig, build_optimizer, build_scheduler
 from .tokenizer import ClipTokenizer
+from .run_files import RunFiles, _rng_state, _seed_all, _set_rng_state, epoch_seed, plot_history
 from .torch_data import ImageTextDataset
 
 STATE_FORMAT = "petl-tpr-train-state"
@@ -135,135 +135,6 @@ class TrainConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         out["out_dir"], out["betas"] = str(self.out_dir), list(self.betas)
         return out
-
-
-# ------------------------------------------------------------------------------------ RNG state
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        name, keys, pos, has_gauss, cached = numpy.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy
-
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed % 2**32)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of the shuffling generator of (0-based) `epoch`."""
-    return seed * 1_000_003 + epoch
-
-
-# ------------------------------------------------------------------------------------- run files
-
-
-class RunFiles:
-    """Paths and atomic writers of one run directory (see the module docstring)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.root = Path(out_dir)
-        self.checkpoints = self.root / "checkpoints"
-        self.latest = self.checkpoints / "latest.json"
-        self.metrics = self.root / "metrics.jsonl"
-        self.best = self.root / "best.safetensors"
-        self.curves = self.root / "curves.png"
-
-    def adapters(self, epoch: int) -> Path:
-        return self.checkpoints / f"epoch_{epoch:03d}.safetensors"
-
-    def state(self, epoch: int) -> Path:
-        return self.checkpoints / f"epoch_{epoch:03d}.state.pt"
-
-    def read_latest(self) -> dict | None:
-        if not self.latest.exists():
-            return None
-        try:
-            latest = json.loads(self.latest.read_text(encoding="utf-8"))
-            epoch = int(latest["epoch"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{self.latest}: unreadable checkpoint pointer: {error}") from None
-        for path in (self.adapters(epoch), self.state(epoch)):
-            if not path.exists():
-                raise CheckpointError(f"{self.latest} names epoch {epoch} but {path} is missing")
-        return {"epoch": epoch}
-
-    def write_latest(self, epoch: int) -> None:
-        text = json.dumps({"epoch": epoch, "adapters": self.adapters(epoch).name, "state": self.state(epoch).name})
-        write_atomic(self.latest, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-    def prune(self, keep_from: int) -> None:
-        """Delete epoch checkpoints older than epoch `keep_from`."""
-        for path in self.checkpoints.glob("epoch_*"):
-            try:
-                epoch = int(path.name[len("epoch_"):].split(".")[0])
-            except ValueError:
-                continue
-            if epoch < keep_from:
-                path.unlink(missing_ok=True)
-
-    def rewrite_metrics(self, history: list[dict]) -> None:
-        text = "".join(json.dumps(record) + "\n" for record in history)
-        write_atomic(self.metrics, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-    def append_metrics(self, record: dict) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def plot_history(history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Loss and eval-metric curves per epoch as a PNG (matplotlib's Agg canvas, no global backend
-    change). Returns the path, or None when matplotlib is not installed or there is nothing to draw."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    if not history:
-        return None
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    losses, scores = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    epochs = [r["epoch"] for r in history]
-    for key in ("loss", "sdm", "id", "aux"):
-        if any(r.get(key) for r in history):
-            losses.plot(epochs, [r[key] for r in history], marker="o", label=key)
-    losses.set(xlabel="epoch", title="training loss")
-    losses.legend()
-    for split in ("val", "test"):
-        points = [(r["epoch"], r[split]) for r in history if split in r]
-        for metric in ("R@1", "R@5", "mAP"):
-            if points:
-                scores.plot([e for e, _ in points], [m[metric] for _, m in points], marker="o",
-                            label=f"{split} {metric}")
-    scores.set(xlabel="epoch", ylabel="%", title="text -> image")
-    if scores.lines:
-        scores.legend()
-    figure.tight_layout()
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
 # -------------------------------------------------------------------------------------- training

@@ -16,7 +16,8 @@ import petl_tpr as pt  # noqa: E402
 import petl_tpr.tpr as tpr  # noqa: E402
 from petl_tpr.errors import CheckpointError  # noqa: E402
 from petl_tpr.tpr.schedule import OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups  # noqa: E402
-from petl_tpr.tpr.trainer import RunFiles, TrainConfig, train  # noqa: E402
+from petl_tpr.tpr.run_files import RunFiles  # noqa: E402
+from petl_tpr.tpr.trainer import TrainConfig, train  # noqa: E402
 from transformers import CLIPConfig  # noqa: E402
 
 SIZE = tpr.TransformConfig(height=64, width=32)
