@@ -15,15 +15,24 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine(device: str) -> dict[str, object]:
     """What the numbers were measured on."""
+    device = str(device)
     info: dict[str, object] = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                               "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                               "processor": platform.processor() or platform.machine()}
+                               "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                               "threads": torch.get_num_threads(), "processor": _cpu_name()}
     if device.startswith("cuda"):
         info["device_name"] = torch.cuda.get_device_name(device)
     else:
-        info["device_name"] = f"CPU ({os.cpu_count()} cores)"
+        info["device_name"] = f"{info['processor']} ({os.cpu_count()} cores)"
     return info
 
 

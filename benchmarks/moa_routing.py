@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,11 +25,12 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine  # noqa: E402
 
 from petl_tpr.kernels import (dense_all_experts, routed_adapters_reference, routed_adapters_torch,  # noqa: E402
                               routed_adapters_triton, triton_available)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 def shapes(batch: int) -> dict[str, dict[str, int]]:
     """DM-Adapter's per-layer shapes at a batch size (issue 4: 32 on CPU; issue 5: 128 on a GPU)."""
     return {"vision": {"T": batch * 193, "d": 768, "r": 96}, "text": {"T": batch * 77, "d": 512, "r": 64}}
@@ -137,21 +137,6 @@ def case(T: int, d: int, r: int, E: int, k: int, device: torch.device, repeats: 
             "minimal_bytes": nbytes, "fwd_bandwidth_gbs": bandwidth, "fwd_roofline_percent": roofline}
 
 
-def machine_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device),
-            "device_name": name}
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -210,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     e_sweep = E_SWEEP[:3] if args.quick else E_SWEEP
     t_sweep = T_SWEEP[:2] if args.quick else T_SWEEP
 
-    info = machine_info(device)
+    info = machine(str(device))
     peak = args.peak_gbs or (peak_bandwidth(info["device_name"]) if device.type == "cuda" else None)
     dtype, table = DTYPES[args.dtype], shapes(args.batch)
 
