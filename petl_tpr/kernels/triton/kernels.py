@@ -39,12 +39,10 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
-                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, y_ptr, h_ptr, d, r,
-                      ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                      DOT: tl.constexpr, PREC: tl.constexpr):
-    """One tile of one expert: gather x rows, down-projection, bias, activation (pre-activation stored
-    to `h (N, r)` fp32), gate, up-projection + gated up-bias, atomic add into `y (T, d)` fp32."""
+def _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
+               BM: tl.constexpr, BR: tl.constexpr):
+    """This program's tile: expert e, sorted positions `pos (BM,)` with their mask, token ids, fp32
+    gates, and the bottleneck offsets `offr (BR,)` with their mask."""
     pid = tl.program_id(0)
     start = tl.load(tile_start_ptr + pid)
     stop = tl.load(tile_stop_ptr + pid)
@@ -55,6 +53,18 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
     g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
     offr = tl.arange(0, BR)
     mr = offr < r
+    return e, pos, mrow, tok, g, offr, mr
+
+
+@triton.jit
+def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
+                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, y_ptr, h_ptr, d, r,
+                      ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                      DOT: tl.constexpr, PREC: tl.constexpr):
+    """One tile of one expert: gather x rows, down-projection, bias, activation (pre-activation stored
+    to `h (N, r)` fp32), gate, up-projection + gated up-bias, atomic add into `y (T, d)` fp32."""
+    e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
+                                                BM, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, d, BD):
         offk = k0 + tl.arange(0, BD)
@@ -84,16 +94,8 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
     """One tile of one expert: `P = dy_rows W_up^T`, dgate = <act(h), P> + <dy_rows, b_up> (stored at
     the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)` fp32 for the weight kernel),
     `dx_rows += dH W_down^T` (atomic add into `dx (T, d)` fp32)."""
-    pid = tl.program_id(0)
-    start = tl.load(tile_start_ptr + pid)
-    stop = tl.load(tile_stop_ptr + pid)
-    e = tl.load(tile_expert_ptr + pid).to(tl.int64)
-    pos = start + tl.arange(0, BM).to(tl.int64)
-    mrow = pos < stop
-    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
-    g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
-    offr = tl.arange(0, BR)
-    mr = offr < r
+    e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
+                                                BM, BR)
     p = tl.zeros((BM, BR), dtype=tl.float32)
     bias_dot = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, d, BD):
