@@ -162,7 +162,7 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
     if att.attention is not None:
         state = take_over(model.get_submodule(att.attention), CONVENTIONS[att.convention])
         home.add_module(att.container, adapter)
-        state.add(att.slot, att.role, att.rows, adapter)
+        state.add(att.slot, att.role, adapter)   # the convention applies each role's own weight rows
         return
     if att.side is not None:
         attach_side(model, adapter, att.side)

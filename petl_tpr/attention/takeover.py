@@ -47,25 +47,25 @@ class Convention:
 class TakeoverState:
     """What a taken-over module applies: projection deltas by role and key/value prefixes.
 
-    `deltas[role]` are `(rows, adapter)` pairs for projections stored as raw weights (the module
+    `deltas[role]` are the delta adapters of projections stored as raw weights (the module
     reads them without calling a Linear); Linear-stored projections keep their own forward hooks.
     `prefixes` are modules whose `forward()` returns `(key (L, d), value (L, d))`.
     """
 
     convention: Convention
-    deltas: dict[str, list[tuple[tuple[int, int] | None, nn.Module]]] = field(default_factory=dict)
+    deltas: dict[str, list[nn.Module]] = field(default_factory=dict)
     prefixes: list[nn.Module] = field(default_factory=list)
 
-    def add(self, slot: str, role: str, rows: tuple[int, int] | None, adapter: nn.Module) -> None:
+    def add(self, slot: str, role: str, adapter: nn.Module) -> None:
         if slot == "kv":
             self.prefixes.append(adapter)
         else:
-            self.deltas.setdefault(role, []).append((rows, adapter))
+            self.deltas.setdefault(role, []).append(adapter)
 
     def remove(self, adapter: nn.Module) -> None:
         self.prefixes = [p for p in self.prefixes if p is not adapter]
         for role in list(self.deltas):
-            self.deltas[role] = [d for d in self.deltas[role] if d[1] is not adapter]
+            self.deltas[role] = [d for d in self.deltas[role] if d is not adapter]
             if not self.deltas[role]:
                 del self.deltas[role]
 
@@ -76,7 +76,7 @@ class TakeoverState:
     def delta(self, role: str, x: torch.Tensor) -> torch.Tensor | None:
         """Sum of the deltas on projection `role` for its input `x (..., in)`; None when there are none."""
         out = None
-        for _, adapter in self.deltas.get(role, ()):
+        for adapter in self.deltas.get(role, ()):
             term = adapter(x)
             out = term if out is None else out + term
         return out
