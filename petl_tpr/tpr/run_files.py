@@ -57,6 +57,46 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+# ------------------------------------------------------------------------------ weight files
+
+WEIGHTS_FORMAT = "petl-tpr-full-weights"
+
+
+def save_weights(clip: torch.nn.Module, path: Path, *, full: bool, epoch: int) -> Path:
+    """Write the adapters of `clip` (`pt.save_adapters`) or, with `full`, its whole state dict
+    (safetensors, atomically; metadata names the format and the epoch)."""
+    import petl_tpr as pt
+
+    if not full:
+        return pt.save_adapters(clip, path, extra={"epoch": str(epoch)})
+    from safetensors.torch import save_model
+
+    metadata = {"format": WEIGHTS_FORMAT, "epoch": str(epoch)}
+    return write_atomic(path, lambda tmp: save_model(clip, tmp, metadata=metadata))
+
+
+def load_weights(clip: torch.nn.Module, path: Path, *, full: bool) -> None:
+    """Load what `save_weights` wrote into `clip` (every key and shape checked)."""
+    import petl_tpr as pt
+
+    if not full:
+        pt.load_adapters(clip, path)
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            fmt = (handle.metadata() or {}).get("format")
+        if fmt != WEIGHTS_FORMAT:
+            raise CheckpointError(f"{path} is not a whole-model checkpoint (format {fmt!r})")
+        load_model(clip, str(path), strict=True)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - wrong keys, shapes or a damaged file
+        raise CheckpointError(f"cannot load {path} into {type(clip).__name__}: {error}") from None
+
+
 # ------------------------------------------------------------------------------------- run files
 
 

@@ -54,12 +54,14 @@ from .masking import MaskingConfig
 from .models import DualEncoder
 from .schedule import OptimConfig, build_optimizer, build_scheduler
 from .tokenizer import ClipTokenizer
-from .run_files import RunFiles, _rng_state, _seed_all, _set_rng_state, epoch_seed, plot_history
+from .run_files import (RunFiles, _rng_state, _seed_all, _set_rng_state, epoch_seed, load_weights, plot_history,
+                        save_weights)
 from .torch_data import ImageTextDataset
 
 STATE_FORMAT = "petl-tpr-train-state"
 STATE_VERSION = 1
 EVAL_SPLITS = ("val", "test", "none")
+TRAINABLE = ("adapters", "all")
 # Config fields that may change between a run and its resumption (they do not change the result).
 _RESUMABLE = {"out_dir", "num_workers", "progress", "plot", "keep_checkpoints", "eval_batch_size"}
 
@@ -84,6 +86,9 @@ class TrainConfig:
     "none" never. Evaluation runs every `eval_every` epochs and after the last one.
     `mask_captions`: the contrastive losses see masked captions (`MaskingConfig()`), as in the
     reference runs. `keep_checkpoints`: how many epoch checkpoints stay on disk (oldest pruned).
+    `trainable`: "adapters" (the default) trains what `pt.inject` left trainable and checkpoints
+    the adapters only; "all" trains every parameter of a model with no adapters (pre-training or
+    full fine-tuning) and checkpoints the whole `model.clip` state dict.
     """
 
     out_dir: Path
@@ -109,6 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plot: bool = True
     progress: bool | None = None
+    trainable: str = "adapters"
     optim: OptimConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +128,8 @@ class TrainConfig:
         _positive_int("TrainConfig", "seed", self.seed, 0)
         if self.eval_split not in EVAL_SPLITS:
             raise TaskInputError(f"TrainConfig.eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
+        if self.trainable not in TRAINABLE:
+            raise TaskInputError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         for name in ("amp", "id_loss", "aux_loss", "mask_captions", "drop_last", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise TaskInputError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -206,15 +214,20 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     Each history record: {"epoch" (1-based), "lr", "loss", "sdm", "id", "aux", "steps", "samples",
     "train_s"} plus, on evaluated epochs, {"val" or "test": {"R@1", ..., "mINP", ...}, "eval_s"}.
     """
-    import petl_tpr as pt
     from ..api import get_injection
 
     if not isinstance(model, DualEncoder):
         raise TaskInputError(f"model must be a DualEncoder, got {type(model).__name__}")
     if not isinstance(config, TrainConfig):
         raise TaskInputError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if get_injection(model.clip) is None:
-        raise TaskInputError("model.clip has no adapters: call pt.inject(model.clip, ...) before train")
+    if config.trainable == "adapters" and get_injection(model.clip) is None:
+        raise TaskInputError("model.clip has no adapters: call pt.inject(model.clip, ...) before train, "
+                             "or set TrainConfig(trainable='all') to train the whole model")
+    if config.trainable == "all":
+        if get_injection(model.clip) is not None:
+            raise TaskInputError("trainable='all' trains the whole model, but model.clip has adapters: "
+                                 "pt.eject(model.clip) first, or use trainable='adapters'")
+        model.requires_grad_(True)
     eval_split = _eval_target(data, config)
     if eval_split is not None and eval_transform is None:
         raise TaskInputError(f"eval_split={config.eval_split!r} needs an eval_transform")
@@ -247,7 +260,7 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{state_path} is not a {STATE_FORMAT} v{STATE_VERSION} file")
         _check_resume_config(state["config"], config, state_path)
-        pt.load_adapters(model.clip, files.adapters(start))
+        load_weights(model.clip, files.adapters(start), full=config.trainable == "all")
         if id_head is not None:
             id_head.load_state_dict(state["id_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -287,7 +300,7 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
             record[config.eval_split], record["eval_s"] = metrics, round(time.perf_counter() - began, 3)
             if best is None or metrics["R@1"] > best["R@1"]:
                 best = {"epoch": epoch + 1, "split": config.eval_split, **metrics}
-                pt.save_adapters(model.clip, files.best, extra={"epoch": str(epoch + 1)})
+                save_weights(model.clip, files.best, full=config.trainable == "all", epoch=epoch + 1)
         history.append(record)
         _save_checkpoint(files, epoch + 1, model=model, id_head=id_head, optimizer=optimizer, scheduler=scheduler,
                          scaler=scaler, config=config, history=history, best=best)
@@ -299,10 +312,8 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
 
 def _save_checkpoint(files: RunFiles, epoch: int, *, model: DualEncoder, id_head: IdentityLoss | None, optimizer,
                      scheduler, scaler, config: TrainConfig, history: list[dict], best: dict | None) -> None:
-    """Adapters, then the sidecar state, then the `latest.json` pointer; then prune old epochs."""
-    import petl_tpr as pt
-
-    pt.save_adapters(model.clip, files.adapters(epoch), extra={"epoch": str(epoch)})
+    """Adapters (or whole weights), then the sidecar state, then the `latest.json` pointer; then prune."""
+    save_weights(model.clip, files.adapters(epoch), full=config.trainable == "all", epoch=epoch)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "config": config.to_json(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "id_head": id_head.state_dict() if id_head is not None else None,

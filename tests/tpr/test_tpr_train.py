@@ -236,3 +236,38 @@ def test_no_val_split_means_no_evaluation_and_bad_inputs_are_refused(data, token
     with pytest.raises(tpr.TaskInputError, match="eval_transform"):
         train(tiny_model(), data, TrainConfig(out_dir=tmp_path / "c"), tokenizer=tokenizer,
               train_transform=tpr.build_train_transform(SIZE))
+
+
+def bare_model(seed: int = 0) -> tpr.DualEncoder:
+    model = tiny_model(seed)
+    pt.eject(model.clip)
+    return model
+
+
+def test_whole_model_training_checkpoints_and_resumes(data, tokenizer, tmp_path):
+    """trainable='all' (pre-training / full fine-tuning) trains every weight, checkpoints the whole
+    state dict and resumes to the same weights as an uninterrupted run."""
+    from petl_tpr.tpr.run_files import load_weights
+
+    before = {k: v.clone() for k, v in bare_model().clip.state_dict().items()}
+    straight = bare_model()
+    full = run(straight, data, tokenizer, tmp_path / "a", trainable="all", eval_split="test")
+    changed = [k for k, v in straight.clip.state_dict().items() if not torch.equal(v, before[k])]
+    assert "text_model.embeddings.token_embedding.weight" in changed and len(changed) > 0.9 * len(before)
+
+    run(bare_model(), data, tokenizer, tmp_path / "b", trainable="all", eval_split="test", stop_after=1)
+    resumed = bare_model(seed=5)          # other weights: everything must come from the checkpoint
+    again = run(resumed, data, tokenizer, tmp_path / "b", trainable="all", eval_split="test", resume=True)
+    assert strip_times(again) == strip_times(full)
+    ours, theirs = resumed.clip.state_dict(), straight.clip.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    loaded = bare_model(seed=7)
+    load_weights(loaded.clip, tmp_path / "b" / "best.safetensors", full=True)
+    assert (tmp_path / "b" / "best.safetensors").exists()
+    with pytest.raises(CheckpointError, match="not a whole-model checkpoint"):
+        load_weights(loaded.clip, pt.save_adapters(tiny_model().clip, tmp_path / "lora.safetensors"), full=True)
+    with pytest.raises(tpr.TaskInputError, match="eject"):
+        run(tiny_model(), data, tokenizer, tmp_path / "d", trainable="all")
+    with pytest.raises(tpr.TaskInputError, match="trainable"):
+        TrainConfig(out_dir=tmp_path, trainable="some")
