@@ -42,7 +42,9 @@ def test_identity_at_init_and_trainable_set(family, case):
     assert discover(model).fingerprint() == fingerprint, "an injected model must still be recognised"
     if _all_identity(case):
         with torch.no_grad():
-            torch.testing.assert_close(run(model), reference, atol=1e-6, rtol=0)
+            # A taken-over attention recomputes through SDPA, not the module's own kernel: equal up to
+            # float32 rounding (a few ulp of the output), which depends on the CPU's kernels.
+            torch.testing.assert_close(run(model), reference, atol=1e-6, rtol=1e-6)
     adapters = {id(p) for p in pt.api.adapter_parameters(model).values()}
     assert adapters, "no adapter parameter was created"
     for name, param in model.named_parameters():
