@@ -24,12 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
+
+from petl_tpr.memory import PeakSampler, rss_mb  # noqa: E402
 
 METHODS = {
     "full fine-tuning": None,
@@ -38,34 +39,6 @@ METHODS = {
     "dm-adapter": "dm-adapter",
     "unipt": "unipt",
 }
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakSampler:
-    """Samples the process RSS in a thread; `peak` is the highest value seen while running."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-
-    def __enter__(self) -> "PeakSampler":
-        self.peak = _rss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
 
 
 def one_method(name: str, args) -> dict:
@@ -108,7 +81,7 @@ def one_method(name: str, args) -> dict:
         torch.cuda.synchronize()
         result.update(step_s=time.perf_counter() - start, peak_mb=torch.cuda.max_memory_allocated() / 2**20)
     else:
-        before = _rss_mb()
+        before = rss_mb()
         start = time.perf_counter()
         with PeakSampler() as sampler:
             step()

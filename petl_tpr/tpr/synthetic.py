@@ -68,10 +68,16 @@ class SyntheticConfig:
     seed: int = 0
     test_fraction: float = 0.2
     val_fraction: float = 0.0
+    caption_domains: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in (0, 1):
             raise TaskInputError(f"SyntheticConfig.domain must be 0 or 1, got {self.domain!r}")
+        if self.caption_domains is not None:
+            object.__setattr__(self, "caption_domains", tuple(self.caption_domains))
+            if not self.caption_domains or any(d not in (0, 1) for d in self.caption_domains):
+                raise TaskInputError(f"SyntheticConfig.caption_domains must be a non-empty list of 0 and 1, "
+                                     f"got {self.caption_domains!r}")
         for name in ("identities", "images_per_id", "captions_per_image"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -134,7 +140,9 @@ def synthetic_records(config: SyntheticConfig) -> list[SyntheticImage]:
         id_rng = random.Random(f"{config.seed}/{config.domain}/identity/{pid}")
         attributes, body = _identity(combo, id_rng)
         for k in range(config.images_per_id):
-            captions = write_captions(attributes, domain=config.domain, count=config.captions_per_image, rng=id_rng)
+            # Drawn only when asked for, so the default keeps the files of earlier versions byte for byte.
+            wording = id_rng.choice(config.caption_domains) if config.caption_domains else config.domain
+            captions = write_captions(attributes, domain=wording, count=config.captions_per_image, rng=id_rng)
             records.append(SyntheticImage(pid=pid, split=split, file_path=f"d{config.domain}/{pid:05d}_{k:02d}.png",
                                           captions=captions, attributes=attributes, body=body, view=_view(id_rng)))
     return records
@@ -154,15 +162,20 @@ def _annotation(record: SyntheticImage) -> dict:
 
 def write_synthetic(root: str | Path, *, domain: int = 0, identities: int = 200, images_per_id: int = 4,
                     captions_per_image: int = 2, seed: int = 0, test_fraction: float = 0.2,
-                    val_fraction: float = 0.0, overwrite: bool = False) -> Path:
+                    val_fraction: float = 0.0, caption_domains: tuple[int, ...] | None = None,
+                    overwrite: bool = False) -> Path:
     """Generate the dataset under `root/CUHK-PEDES` and return `root` (for `build_dataset`).
+
+    `caption_domains` (default: `(domain,)`) lists the wordings the captions are drawn from, one
+    chosen per image: `domain=0, caption_domains=(0, 1)` draws domain-0 images described in both
+    vocabularies (a pre-training corpus that knows the words of both domains, as CLIP's does).
 
     An existing `reid_raw.json` there is refused unless `overwrite=True` (which rewrites the
     annotation and the images this configuration produces; other files are left alone).
     """
     config = SyntheticConfig(domain=domain, identities=identities, images_per_id=images_per_id,
                              captions_per_image=captions_per_image, seed=seed, test_fraction=test_fraction,
-                             val_fraction=val_fraction)
+                             val_fraction=val_fraction, caption_domains=caption_domains)
     base = Path(root) / "CUHK-PEDES"
     if (base / "reid_raw.json").exists() and not overwrite:
         raise DatasetError(f"{base / 'reid_raw.json'} already exists; pass overwrite=True or another root")

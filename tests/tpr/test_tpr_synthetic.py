@@ -106,3 +106,22 @@ def test_config_validation():
         SyntheticConfig(test_fraction=0.0)
     with pytest.raises(TaskInputError, match="identities"):
         SyntheticConfig(identities=0)
+
+
+def test_caption_domains_mix_wordings_and_keep_the_default_files():
+    base = dict(domain=0, identities=40, images_per_id=2, captions_per_image=2)
+    plain = synthetic_records(SyntheticConfig(**base))
+    assert synthetic_records(SyntheticConfig(**base, caption_domains=None)) == plain
+    mixed = synthetic_records(SyntheticConfig(**base, caption_domains=(0, 1)))
+    words = [set(LEXICON[d]["subject"][""]) for d in (0, 1)]
+
+    def wording(record):
+        found = {d for d in (0, 1) for c in record.captions for s in words[d] if c.lower().startswith(s)
+                 or f" {s} " in c.lower() or f": {s} " in c.lower()}
+        return found
+
+    seen = [wording(r) for r in mixed]
+    assert sum(1 in w for w in seen) > 10 and sum(0 in w for w in seen) > 10
+    assert [r.attributes for r in mixed] == [r.attributes for r in plain]   # same people, other words
+    with pytest.raises(TaskInputError, match="caption_domains"):
+        SyntheticConfig(caption_domains=(2,))
