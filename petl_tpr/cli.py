@@ -44,6 +44,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Also under `torchrun --nproc_per_node N -m petl_tpr train ...` (rank 0 prints)."""
+    from .tpr.distributed import cleanup, process_rank
     from .tpr.run_config import load_run_config, run_training
 
     config = load_run_config(args.config)
@@ -52,8 +54,10 @@ def _train(args: argparse.Namespace) -> int:
     history = run_training(config, data_root=args.data_root, backbone=args.backbone, pretrained=args.pretrained,
                            out_dir=out, resume=args.resume, overrides=overrides, stop_after=args.stop_after)
     last = history[-1] if history else {}
-    print(f"trained {len(history)} epoch(s) into {out}; last epoch: "
-          + json.dumps({k: v for k, v in last.items() if k in ("epoch", "loss", "val", "test")}))
+    if process_rank() == 0:
+        print(f"trained {len(history)} epoch(s) into {out}; last epoch: "
+              + json.dumps({k: v for k, v in last.items() if k in ("epoch", "loss", "val", "test")}))
+    cleanup()
     return 0
 
 

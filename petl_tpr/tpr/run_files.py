@@ -99,6 +99,9 @@ def load_weights(clip: torch.nn.Module, path: Path, *, full: bool) -> None:
 
 # ------------------------------------------------------------------------------------- run files
 
+STATE_FORMAT = "petl-tpr-train-state"
+STATE_VERSION = 1
+
 
 class RunFiles:
     """Paths and atomic writers of one run directory (see the module docstring)."""
@@ -116,6 +119,22 @@ class RunFiles:
 
     def state(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.state.pt"
+
+    def read_state(self, epoch: int) -> dict:
+        """The training state saved after `epoch` (format and version checked)."""
+        path = self.state(epoch)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is a checkpoint problem
+            raise CheckpointError(f"cannot read {path}: {error}") from None
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{path} is not a {STATE_FORMAT} v{STATE_VERSION} file")
+        return state
+
+    def write_state(self, epoch: int, state: dict) -> None:
+        """Write `state` (plus format, version and epoch) atomically as the state file of `epoch`."""
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, **state}
+        write_atomic(self.state(epoch), lambda tmp: torch.save(state, tmp))
 
     def read_latest(self) -> dict | None:
         if not self.latest.exists():

@@ -29,7 +29,9 @@ Every file but `metrics.jsonl` (appended) is written atomically, so a kill at an
 previous checkpoint usable; `train(..., resume=True)` reloads it, rewrites `metrics.jsonl` from the
 saved history (dropping the lines of an epoch that never reached its checkpoint) and runs
 the remaining epochs with the same batches, augmentation draws and updates as an uninterrupted
-run. Not done yet: distributed data parallel (torchrun), an fp16 backbone, the MLM head.
+run. Under `torchrun` every process runs `train` alike: `batch_size` stays the global batch,
+split across the ranks; rank 0 alone writes the run files and evaluates (see `distributed.py`
+and docs/tpr.md, "Distributed training"). Not done yet: an fp16 backbone, the MLM head.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..atomic import write_atomic
 from ..errors import CheckpointError, PetlError
 from .datasets import EvalSplit, PersonRetrievalData
+from .distributed import ProcessGroup, join, local_batch_size
 from .errors import TaskInputError
 from .evaluation import _device_of, _progress, evaluate
 from .losses import IdentityLoss, sdm_loss
@@ -54,12 +56,9 @@ from .masking import MaskingConfig
 from .models import DualEncoder
 from .schedule import OptimConfig, build_optimizer, build_scheduler
 from .tokenizer import ClipTokenizer
-from .run_files import (RunFiles, _rng_state, _seed_all, _set_rng_state, epoch_seed, load_weights, plot_history,
-                        save_weights)
+from .run_files import RunFiles, _seed_all, epoch_seed, load_weights, plot_history, save_weights
 from .torch_data import ImageTextDataset
 
-STATE_FORMAT = "petl-tpr-train-state"
-STATE_VERSION = 1
 EVAL_SPLITS = ("val", "test", "none")
 TRAINABLE = ("adapters", "all")
 # Config fields that may change between a run and its resumption (they do not change the result).
@@ -163,37 +162,59 @@ def _check_resume_config(saved: dict, config: TrainConfig, path: Path) -> None:
                               f"use a new out_dir or the saved settings")
 
 
-def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLoss | None, optimizer, scaler,
-                 config: TrainConfig, device: torch.device, amp: bool, epoch: int) -> dict:
-    """One pass over `loader`; returns mean losses and counts."""
+def _local_forward(model: DualEncoder, batch: dict | None, *, caption_key: str, device: torch.device,
+                   config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's image and text features `(n, E)`, pids `(n,)` and router aux loss (a scalar over
+    the local tokens). An empty share of a short last batch (`batch` None) gives empty leaves, so
+    that the rank still takes part in the gather and in its backward."""
     import petl_tpr as pt
 
+    zero = torch.zeros((), device=device)
+    if batch is None:
+        empty = torch.zeros(0, model.embed_dim, device=device, requires_grad=True)
+        return empty, empty, torch.zeros(0, dtype=torch.long, device=device), zero
+    images = batch["image"].to(device, non_blocking=True)
+    ids = batch[caption_key].to(device, non_blocking=True)
+    pids = batch["pid"].to(device, non_blocking=True)
+    image_features, text_features = model(images, ids)
+    aux = pt.aux_loss(model.clip).float() if config.aux_loss else zero
+    return image_features, text_features, pids, aux
+
+
+def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLoss | None, optimizer, scaler,
+                 config: TrainConfig, device: torch.device, amp: bool, epoch: int, group: ProcessGroup) -> dict:
+    """One pass over `loader` (this rank's shares); returns the global mean losses and counts.
+
+    SDM and ID see the all-gathered global batch; the gradients are averaged over the ranks before
+    each step (see `distributed._GatherRows` for why that gives the single-process gradient)."""
     model.train()
     caption_key = "mlm_ids" if config.mask_captions else "caption_ids"
-    sums = torch.zeros(4, dtype=torch.float64, device=device)   # loss, sdm, id, aux
-    steps = samples = 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums = torch.zeros(5, dtype=torch.float64, device=device)   # loss, sdm, id, aux (sample-weighted), samples
+    steps = 0
     optimizer.zero_grad(set_to_none=True)
-    batches = _progress(loader, total=len(loader), desc=f"epoch {epoch + 1}", enabled=config.progress)
+    batches = _progress(loader, total=len(loader), desc=f"epoch {epoch + 1}",
+                        enabled=config.progress if group.is_main else False)
     for step, batch in enumerate(batches):
-        images = batch["image"].to(device, non_blocking=True)
-        ids = batch[caption_key].to(device, non_blocking=True)
-        pids = batch["pid"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            image_features, text_features = model(images, ids)
-            sdm = sdm_loss(image_features, text_features, pids)
-            zero = sdm.new_zeros(())
-            ident = id_head(image_features, text_features, pids) if id_head is not None else zero
-            aux = pt.aux_loss(model.clip).float() if config.aux_loss else zero
+            image_features, text_features, pids, aux = _local_forward(model, batch, caption_key=caption_key,
+                                                                      device=device, config=config)
+            image_all, text_all, pids_all = group.gather_batch(image_features, text_features, pids)
+            sdm = sdm_loss(image_all, text_all, pids_all)
+            ident = id_head(image_all, text_all, pids_all) if id_head is not None else sdm.new_zeros(())
             loss = sdm + ident + aux
         scaler.scale(loss / config.grad_accum).backward()
         if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
+            group.average_gradients(params)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-        sums += torch.stack([loss.detach(), sdm.detach(), ident.detach(), aux.detach()]).double() * len(pids)
-        samples += len(pids)
-    means = (sums / max(samples, 1)).tolist()
+        sums[:4] += torch.stack([loss.detach(), sdm.detach(), ident.detach(), aux.detach()]).double() * len(pids)
+        sums[4] += len(pids)
+    group.all_reduce_sum(sums)
+    samples = int(sums[4])
+    means = (sums[:4] / max(samples, 1)).tolist()
     if not all(math.isfinite(v) for v in means):
         raise TrainingError(f"the training loss became non-finite in epoch {epoch + 1} "
                             f"(loss {means[0]}, sdm {means[1]}, id {means[2]}, aux {means[3]})")
@@ -207,8 +228,10 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
 
     `train_transform` / `eval_transform` map a PIL image to `(3, H, W)` at the model's image size
     (`eval_transform` is needed only when an evaluation split is used). `device` defaults to the
-    model's. `resume=True` continues from `out_dir/checkpoints/latest.json` (from scratch when
-    there is none); without it an `out_dir` that already holds a checkpoint is refused.
+    model's; under torchrun a CUDA device becomes `cuda:LOCAL_RANK` and the process group is
+    initialised here (see `distributed.join`). `resume=True` continues from
+    `out_dir/checkpoints/latest.json` (from scratch when there is none); without it an `out_dir`
+    that already holds a checkpoint is refused.
     `stop_after=N` returns after (1-based) epoch N, checkpoint written, without changing the
     schedule: a run split into `stop_after` slices and resumed equals one uninterrupted run.
     Each history record: {"epoch" (1-based), "lr", "loss", "sdm", "id", "aux", "steps", "samples",
@@ -232,6 +255,8 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     if eval_split is not None and eval_transform is None:
         raise TaskInputError(f"eval_split={config.eval_split!r} needs an eval_transform")
     device = torch.device(device) if device is not None else _device_of(model)
+    group, device = join(device)
+    local_batch_size(config.batch_size, group.world_size)
     model.to(device)
     amp = config.amp and device.type == "cuda"
     files = RunFiles(config.out_dir)
@@ -244,6 +269,9 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     id_head = None
     if config.id_loss:
         id_head = IdentityLoss(num_ids=data.num_train_ids, feature_dim=model.embed_dim).to(device)
+    for module in [model] + ([id_head] if id_head is not None else []):
+        group.broadcast_parameters(module)
+    group.seed_stream(config.seed)
     optimizer = build_optimizer([model] + ([id_head] if id_head is not None else []), config.optim)
     scheduler = build_scheduler(optimizer, config.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -252,14 +280,8 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     start = 0
     if latest is not None:
         start = latest["epoch"]
-        state_path = files.state(start)
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is a checkpoint problem
-            raise CheckpointError(f"cannot read {state_path}: {error}") from None
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise CheckpointError(f"{state_path} is not a {STATE_FORMAT} v{STATE_VERSION} file")
-        _check_resume_config(state["config"], config, state_path)
+        state = files.read_state(start)
+        _check_resume_config(state["config"], config, files.state(start))
         load_weights(model.clip, files.adapters(start), full=config.trainable == "all")
         if id_head is not None:
             id_head.load_state_dict(state["id_head"])
@@ -267,9 +289,11 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best = list(state["history"]), state["best"]
-        _set_rng_state(state["rng"])
-    files.root.mkdir(parents=True, exist_ok=True)
-    files.rewrite_metrics(history)
+        group.restore_rng(state["rng"], state.get("rank_rng"), seed=epoch_seed(config.seed, start))
+    if group.is_main:
+        files.root.mkdir(parents=True, exist_ok=True)
+        files.rewrite_metrics(history)
+    group.barrier()
 
     dataset = ImageTextDataset(data.train, transform=train_transform, tokenizer=tokenizer,
                                masking=MaskingConfig() if config.mask_captions else None, seed=config.seed)
@@ -278,9 +302,9 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     end = config.epochs if stop_after is None else min(stop_after, config.epochs)
     for epoch in range(start, end):
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=config.drop_last,
-                            generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
-                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        loader = group.loader(dataset, batch_size=config.batch_size, drop_last=config.drop_last,
+                              generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
+                              num_workers=config.num_workers, pin_memory=device.type == "cuda")
         if len(loader) == 0:
             raise TaskInputError(f"no training batch: {len(dataset)} samples, batch_size {config.batch_size}, "
                                  f"drop_last={config.drop_last}")
@@ -288,36 +312,46 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
         began = time.perf_counter()
         record = {"epoch": epoch + 1, "lr": lr,
                   **_train_epoch(model, loader, id_head=id_head, optimizer=optimizer, scaler=scaler, config=config,
-                                 device=device, amp=amp, epoch=epoch)}
+                                 device=device, amp=amp, epoch=epoch, group=group)}
         record["train_s"] = round(time.perf_counter() - began, 3)
         scheduler.step()
         last = epoch + 1 == config.epochs
-        if eval_split is not None and ((epoch + 1) % config.eval_every == 0 or last):
+        evaluated = eval_split is not None and ((epoch + 1) % config.eval_every == 0 or last)
+        if evaluated and group.is_main:      # the other ranks wait in the broadcast below
             began = time.perf_counter()
             metrics = evaluate(model, eval_split, tokenizer=tokenizer, transform=eval_transform,
                                batch_size=config.eval_batch_size, num_workers=config.num_workers, amp=amp,
                                progress=config.progress)
             record[config.eval_split], record["eval_s"] = metrics, round(time.perf_counter() - began, 3)
-            if best is None or metrics["R@1"] > best["R@1"]:
-                best = {"epoch": epoch + 1, "split": config.eval_split, **metrics}
+        record = group.broadcast_object(record)      # rank 0's times and metrics: one history on all ranks
+        if evaluated and (best is None or record[config.eval_split]["R@1"] > best["R@1"]):
+            best = {"epoch": epoch + 1, "split": config.eval_split, **record[config.eval_split]}
+            if group.is_main:
                 save_weights(model.clip, files.best, full=config.trainable == "all", epoch=epoch + 1)
         history.append(record)
         _save_checkpoint(files, epoch + 1, model=model, id_head=id_head, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, config=config, history=history, best=best)
-        files.append_metrics(record)
-    if config.plot:
+                         scaler=scaler, config=config, history=history, best=best, group=group)
+        if group.is_main:
+            files.append_metrics(record)
+        group.barrier()
+    if config.plot and group.is_main:
         plot_history(history, files.curves)
+    group.barrier()
     return history
 
 
 def _save_checkpoint(files: RunFiles, epoch: int, *, model: DualEncoder, id_head: IdentityLoss | None, optimizer,
-                     scheduler, scaler, config: TrainConfig, history: list[dict], best: dict | None) -> None:
-    """Adapters (or whole weights), then the sidecar state, then the `latest.json` pointer; then prune."""
+                     scheduler, scaler, config: TrainConfig, history: list[dict], best: dict | None,
+                     group: ProcessGroup) -> None:
+    """Adapters (or whole weights), then the sidecar state, then the `latest.json` pointer; then prune.
+    Rank 0 writes (the ranks hold the same weights and state); the RNG states of every rank go in."""
+    rngs = group.rng_states()
+    if not group.is_main:
+        return
     save_weights(model.clip, files.adapters(epoch), full=config.trainable == "all", epoch=epoch)
-    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "config": config.to_json(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "id_head": id_head.state_dict() if id_head is not None else None,
-             "rng": _rng_state(), "history": history, "best": best}
-    write_atomic(files.state(epoch), lambda tmp: torch.save(state, tmp))
+    files.write_state(epoch, {
+        "config": config.to_json(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "id_head": id_head.state_dict() if id_head is not None else None,
+        "rng": rngs[0], "rank_rng": rngs if len(rngs) > 1 else None, "history": history, "best": best})
     files.write_latest(epoch)
     files.prune(epoch - config.keep_checkpoints + 1)
