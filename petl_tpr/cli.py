@@ -1,4 +1,4 @@
-"""`petl-tpr` command line: quickstart, presets, inspect, bench, train."""
+"""`petl-tpr` command line: demo, quickstart, presets, inspect, bench, train, eval."""
 
 from __future__ import annotations
 
@@ -52,12 +52,34 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
     out = args.out or f"runs/{config.preset.replace(':', '_')}_{config.dataset}"
     history = run_training(config, data_root=args.data_root, backbone=args.backbone, pretrained=args.pretrained,
-                           out_dir=out, resume=args.resume, overrides=overrides, stop_after=args.stop_after)
+                           out_dir=out, resume=args.resume, overrides=overrides, stop_after=args.stop_after,
+                           device=args.device)
     last = history[-1] if history else {}
     if process_rank() == 0:
         print(f"trained {len(history)} epoch(s) into {out}; last epoch: "
               + json.dumps({k: v for k, v in last.items() if k in ("epoch", "loss", "val", "test")}))
     cleanup()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .tpr.run_config import load_run_config, run_evaluation
+
+    metrics = run_evaluation(load_run_config(args.config), data_root=args.data_root, backbone=args.backbone,
+                             adapters=args.adapters, pretrained=args.pretrained, split=args.split,
+                             batch_size=args.batch_size, device=args.device)
+    print(json.dumps({"split": args.split, "adapters": str(args.adapters), **metrics}))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .tpr.demo import DemoConfig, run_demo
+
+    options = dict(backbone=args.backbone, threads=args.threads, progress=args.progress)
+    if args.methods:
+        options["methods"] = tuple(args.methods)
+    config = DemoConfig.quick(args.out, **options) if args.quick else DemoConfig(out_dir=args.out, **options)
+    run_demo(config, fresh=args.fresh)
     return 0
 
 
@@ -87,6 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--small", action="store_true", help="2-layer towers instead of 12 (for a fast check)")
     p.set_defaults(func=_quickstart)
+    p = sub.add_parser("demo", help="pre-train a small CLIP on synthetic domain 0, transfer it to domain 1 with "
+                                    "zero-shot, full fine-tuning, LoRA, UP-Person, DM-Adapter and UniPT; print the "
+                                    "table and plot R@1 against trainable parameters (CPU, no downloads)")
+    p.add_argument("--out", default="runs/demo", help="run directory (finished steps are reused on a re-run)")
+    p.add_argument("--backbone", choices=("transformers", "open_clip"), default="transformers",
+                   help="library whose CLIP config builds the small model")
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of: " + ", ".join(
+        ("zero-shot", "'full fine-tuning'", "lora", "up-person", "dm-adapter", "unipt")))
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one epoch per method (a smoke run)")
+    p.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=_presets)
     p = sub.add_parser("inspect", help="show where a preset or spec JSON attaches on CLIP ViT-B/16 and count parameters")
@@ -112,7 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--stop-after", type=int, default=None,
                    help="return after this epoch (checkpoint written, schedule unchanged); continue with --resume")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under "
+                                                  "torchrun each process takes cuda:LOCAL_RANK)")
     p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="text -> image metrics of a trained adapter file on a dataset split")
+    p.add_argument("--config", required=True, help="the run config the adapters were trained with")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--backbone", required=True, help="the backbone the adapters were trained on")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--adapters", required=True, help="adapter file, e.g. runs/NAME/best.safetensors")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     from .errors import PetlError
 

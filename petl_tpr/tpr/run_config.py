@@ -74,8 +74,11 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def run_training(config: RunConfig, *, data_root: str | Path, backbone: str | Path, out_dir: str | Path,
                  pretrained: str | None = None, resume: bool = False, overrides: dict[str, Any] | None = None,
-                 stop_after: int | None = None):
-    """Load the dataset and the backbone, inject the preset into both towers, train; returns the history."""
+                 stop_after: int | None = None, device: str | None = None):
+    """Load the dataset and the backbone, inject the preset into both towers, train; returns the history.
+
+    `device`: where to train (default: "cuda" when available, else "cpu"; under torchrun each
+    process takes `cuda:LOCAL_RANK`)."""
     import petl_tpr as pt
 
     from .datasets import build_dataset
@@ -90,4 +93,43 @@ def run_training(config: RunConfig, *, data_root: str | Path, backbone: str | Pa
     settings = TrainConfig(out_dir=Path(out_dir), **{**config.train, **(overrides or {})})
     size = TransformConfig(height=config.image_size[0], width=config.image_size[1])
     return train(model, data, settings, tokenizer=ClipTokenizer(), train_transform=build_train_transform(size),
-                 eval_transform=build_test_transform(size), resume=resume, stop_after=stop_after)
+                 eval_transform=build_test_transform(size), resume=resume, stop_after=stop_after,
+                 device=default_device(device))
+
+
+def default_device(device: str | None) -> str:
+    """`device`, or "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    return device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_evaluation(config: RunConfig, *, data_root: str | Path, backbone: str | Path, adapters: str | Path,
+                   pretrained: str | None = None, split: str = "test", batch_size: int = 64,
+                   device: str | None = None) -> dict:
+    """Text -> image metrics of a trained adapter file (e.g. a run's `best.safetensors`) on a split
+    ("test" or "val") of the run config's dataset, with the backbone it was trained on; `device`
+    as in `run_training`."""
+    import petl_tpr as pt
+
+    from .datasets import build_dataset
+    from .errors import TaskInputError
+    from .evaluation import evaluate
+    from .models import load_clip
+    from .tokenizer import ClipTokenizer
+    from .transforms import TransformConfig, build_test_transform
+
+    if split not in ("test", "val"):
+        raise TaskInputError(f"split must be 'test' or 'val', got {split!r}")
+    data = build_dataset(config.dataset, data_root, val_fraction=config.val_fraction)
+    target = data.test if split == "test" else data.val
+    if target is None:
+        raise TaskInputError(f"{config.dataset} under {data_root} has no {split} split "
+                             f"(set [data] val_fraction in the run config to carve one)")
+    model = load_clip(backbone, pretrained=pretrained, image_size=config.image_size)
+    pt.load_adapters(model.clip, adapters)
+    model.to(default_device(device))
+    size = TransformConfig(height=config.image_size[0], width=config.image_size[1])
+    return evaluate(model, target, tokenizer=ClipTokenizer(), transform=build_test_transform(size),
+                    batch_size=batch_size)
+

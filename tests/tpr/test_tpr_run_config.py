@@ -44,7 +44,7 @@ def test_bad_run_configs(tmp_path, text, fragment):
     assert fragment in str(info.value)
 
 
-def test_cli_train_on_synthetic_data_with_a_saved_clip(tmp_path):
+def test_cli_train_on_synthetic_data_with_a_saved_clip(tmp_path, capsys):
     from petl_tpr.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -73,4 +73,18 @@ def test_cli_train_on_synthetic_data_with_a_saved_clip(tmp_path):
     assert len(lines) == 1 and "R@1" in lines[0]["val"]
     assert main(["train", "--config", str(config), "--data-root", str(root), "--backbone", str(tmp_path / "clip"),
                  "--out", str(out), "--resume"]) == 0
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+
+    # petl-tpr eval of best.safetensors on val reproduces the best epoch's logged val metrics.
+    best = max(lines, key=lambda r: r["val"]["R@1"])     # first of equal maxima, as the trainer keeps
+    capsys.readouterr()
+    common = ["--config", str(config), "--data-root", str(root), "--backbone", str(tmp_path / "clip"),
+              "--adapters", str(out / "best.safetensors")]
+    assert main(["eval", *common, "--split", "val"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["split"] == "val"
+    assert {k: printed[k] for k in best["val"]} == pytest.approx(best["val"])
+    assert main(["eval", *common]) == 0
+    test = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert test["split"] == "test" and test["num_gallery"] == 2 * 2      # 2 test ids x 2 images
