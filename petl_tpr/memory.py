@@ -87,3 +87,38 @@ class PeakMemory:
         else:
             self._sampler.__exit__(*exc)
             self.peak_mb = self._sampler.peak
+
+
+def saved_activation_mb(step, *, exclude=()) -> float:
+    """MB of the distinct tensor storages autograd keeps for backward while `step()` builds its graph
+    (the activations a training step holds until backward), not counting the storages of `exclude`
+    (pass the model's parameters: they are resident anyway). Independent of the allocator and the
+    device, so methods compare exactly; the graph is freed before returning."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    del result
+    return total / MB
+
+
+def training_memory_mb(model: torch.nn.Module, step, *, optimizer_states: int = 2) -> dict[str, float]:
+    """An allocator-free account of one training step of `model` in MB: `weights` (every parameter),
+    `gradients` (trainable ones), `optimizer` (`optimizer_states` tensors per trainable parameter:
+    2 for Adam), `activations` (`saved_activation_mb` of `step`) and their `total`."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params) / MB
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad) / MB
+    activations = saved_activation_mb(step, exclude=params)
+    parts = {"weights": weights, "gradients": trainable, "optimizer": optimizer_states * trainable,
+             "activations": activations}
+    return {**parts, "total": sum(parts.values())}

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..atomic import write_atomic
-from ..memory import PeakMemory
+from ..memory import PeakMemory, training_memory_mb
 from .errors import TaskInputError
 
 METHODS = ("zero-shot", "full fine-tuning", "lora", "up-person", "dm-adapter", "unipt")
@@ -201,6 +201,26 @@ def _cached(path: Path, settings: dict) -> dict | None:
     return result if result.get("settings") == settings else None
 
 
+def _step_memory(ctx: DemoContext, model, data) -> dict[str, float]:
+    """`training_memory_mb` of one training step (forward, SDM + aux loss) on the first batch."""
+    import petl_tpr as pt
+    from torch.utils.data import default_collate
+
+    from .losses import sdm_loss
+    from .torch_data import ImageTextDataset
+
+    dataset = ImageTextDataset(data.train, transform=ctx.train_transform, tokenizer=ctx.tokenizer)
+    batch = default_collate([dataset[i] for i in range(min(ctx.config.batch_size, len(dataset)))])
+    device = next(model.parameters()).device
+    model.train()
+
+    def step():
+        image, text = model(batch["image"].to(device), batch["caption_ids"].to(device))
+        return sdm_loss(image, text, batch["pid"].to(device)) + pt.aux_loss(model.clip)
+
+    return {k: round(v, 2) for k, v in training_memory_mb(model, step).items()}
+
+
 def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, data, eval_on,
               settings: dict) -> dict:
     """Train `model` (already injected, or whole for full training) and evaluate it on `eval_on`;
@@ -227,11 +247,13 @@ def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, d
             model, data, _train_config(c, run_dir, epochs=epochs, lr=lr, trainable=trainable),
             tokenizer=ctx.tokenizer, train_transform=ctx.train_transform)
     train_s = time.perf_counter() - began
+    step_memory = _step_memory(ctx, model, data) if epochs else None
     metrics = evaluate(model, eval_on, tokenizer=ctx.tokenizer, transform=ctx.eval_transform,
                        progress=c.progress)
     result = {"method": method, "trainable": trainable_count, "total": count.total,
               "percent": 100.0 * trainable_count / count.total,
               **{k: metrics[k] for k in ("R@1", "R@5", "R@10", "mAP", "mINP")}, "train_s": round(train_s, 2),
+              "train_mb": step_memory["total"] if step_memory else 0.0, "step_memory_mb": step_memory,
               "peak_mb": round(memory.peak_mb, 1), "added_mb": round(memory.added_mb, 1), "memory": memory.kind,
               "epochs": epochs, "lr": lr, "final_loss": history[-1]["loss"] if history else None,
               "settings": settings}

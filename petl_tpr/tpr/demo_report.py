@@ -17,14 +17,17 @@ from ..atomic import write_atomic
 
 COLUMNS = (("method", "{:<17}", "{:<17}"), ("trainable", "{:>11}", "{:>11,}"), ("%", "{:>7}", "{:>7.2f}"),
            ("R@1", "{:>6}", "{:>6.1f}"), ("R@5", "{:>6}", "{:>6.1f}"), ("mAP", "{:>6}", "{:>6.1f}"),
-           ("mINP", "{:>6}", "{:>6.1f}"), ("train s", "{:>8}", "{:>8.1f}"), ("peak MB", "{:>8}", "{:>8.0f}"),
-           ("+MB", "{:>6}", "{:>6.0f}"))
-KEYS = ("method", "trainable", "percent", "R@1", "R@5", "mAP", "mINP", "train_s", "peak_mb", "added_mb")
+           ("mINP", "{:>6}", "{:>6.1f}"), ("train s", "{:>8}", "{:>8.1f}"), ("step MB", "{:>8}", "{:>8.1f}"),
+           ("peak RSS MB", "{:>12}", "{:>12.0f}"))
+KEYS = ("method", "trainable", "percent", "R@1", "R@5", "mAP", "mINP", "train_s", "train_mb", "peak_mb")
 
 
 def format_table(results: list[dict]) -> str:
-    """One row per method. `peak MB`: the process peak while that method trained (RSS on the CPU,
-    allocated tensors on CUDA); `+MB`: that peak minus the memory in use when its training began."""
+    """One row per method. `step MB`: the memory one training step needs by account (weights, gradients,
+    Adam state, activations autograd saves; `petl_tpr.memory.training_memory_mb`), exact and the same
+    on any machine. `peak RSS MB`: the process peak while that method trained (allocated tensors on
+    CUDA), which on the CPU includes the interpreter, libraries and memory the allocator kept from
+    earlier methods."""
     header = " ".join(fmt.format(name) for name, fmt, _ in COLUMNS)
     lines = [header, "-" * len(header)]
     for result in results:

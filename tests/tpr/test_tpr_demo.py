@@ -35,6 +35,11 @@ def test_quick_demo_prints_the_table_writes_the_files_and_resumes(tmp_path, caps
         assert 0 < row["trainable"] < 0.1 * total, method
         assert row["percent"] == pytest.approx(100 * row["trainable"] / row["total"])
         assert row["total"] > total          # the frozen backbone plus the adapters
+    memory = {m: r["step_memory_mb"] for m, r in results.items() if m != "zero-shot"}
+    assert results["zero-shot"]["train_mb"] == 0.0
+    assert all(memory[m]["optimizer"] < memory["full fine-tuning"]["optimizer"] / 10 for m in PETL)
+    # UniPT's side network needs no backbone activations: far fewer saved tensors than LoRA's.
+    assert memory["unipt"]["activations"] < memory["lora"]["activations"] / 2
     for row in results.values():
         assert all(0 <= row[k] <= 100 for k in ("R@1", "R@5", "R@10", "mAP", "mINP"))
         assert row["peak_mb"] > 0 and row["memory"] == "rss"
