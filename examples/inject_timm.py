@@ -28,22 +28,13 @@ parser.add_argument("--presets", nargs="+", default=["lora", "dm-adapter", "unip
 args = parser.parse_args()
 
 
-def everywhere(preset: str) -> pt.Spec:
-    """The preset with its branch selector dropped: the CLIP presets name `vision` and `text`,
-    and a timm ViT has only the `vision` tower."""
-    data = pt.Spec.preset(preset).to_dict()
-    for entry in data["entries"]:
-        entry["where"] = None
-    return pt.Spec.from_dict(data)
-
-
 torch.manual_seed(0)
 model = timm.create_model(args.model, pretrained=args.pretrained).eval()
 print(pt.backbones.discover(model).describe())
 images = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
 original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 for preset in args.presets:
-    pt.inject(model, everywhere(preset))   # in place; every base parameter is frozen
+    pt.inject(model, preset)   # in place; presets apply to every branch there is (here the one ViT stack)
     print(f"== {preset}\n{pt.summary(model)}")
     with torch.no_grad():
         logits = model(images)

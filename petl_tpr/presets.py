@@ -11,7 +11,8 @@ from typing import Any
 from .errors import SpecError
 from .registry import METHODS
 
-BOTH = ["vision", "text"]
+# Presets name no branches, so they apply to every branch the model has: both towers of a CLIP,
+# the one stack of a ViT or BERT.
 
 # UP-Person (REFERENCE.md section 1): LoRA on k, v with a learnable scalar; S-Prefix after the first
 # token; L-Adapter parallel to both norms. Per-dataset rank and prefix length.
@@ -21,10 +22,9 @@ _UP_PERSON = {"cuhk-pedes": (32, 10), "icfg-pedes": (32, 14), "rstpreid": (16, 2
 def _up_person(dataset: str) -> list[dict[str, Any]]:
     rank, length = _UP_PERSON[dataset]
     return [
-        {"method": "s-prefix", "config": {"length": length, "boost_init": 10.0}, "where": {"branches": BOTH}},
-        {"method": "lora", "config": {"rank": rank, "scaling": "learnable", "roles": ["k", "v"]},
-         "where": {"branches": BOTH}},
-        {"method": "l-adapter", "config": {"reduction": 8}, "where": {"branches": BOTH}},
+        {"method": "s-prefix", "config": {"length": length, "boost_init": 10.0}},
+        {"method": "lora", "config": {"rank": rank, "scaling": "learnable", "roles": ["k", "v"]},},
+        {"method": "l-adapter", "config": {"reduction": 8}},
     ]
 
 
@@ -37,10 +37,9 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     # DM-Adapter (REFERENCE.md section 2): 6 experts of width d/8, top-2, domain-aware router, in parallel
     # with every MLP of both towers; fixed output scale 0.1 (vision) and 4 (text); aux weight 0.5.
     "dm-adapter": [{"method": "moa", "config": {"experts": 6, "top_k": 2, "reduction": 8, "scale": 0.1,
-                                                "branch_scale": {"text": 4.0}, "router": "domain", "lb_weight": 0.5},
-                    "where": {"branches": BOTH}}],
+                                                "branch_scale": {"text": 4.0}, "router": "domain", "lb_weight": 0.5}}],
     # UniPT (REFERENCE.md section 3): one side network per CLIP tower, width m = 512.
-    "unipt": [{"method": "unipt", "config": {"width": 512}, "where": {"branches": BOTH}}],
+    "unipt": [{"method": "unipt", "config": {"width": 512}}],
     "up-person": _up_person("cuhk-pedes"),
     **{f"up-person:{dataset}": _up_person(dataset) for dataset in _UP_PERSON},
 }

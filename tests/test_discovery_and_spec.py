@@ -11,6 +11,7 @@ from torch import nn
 import petl_tpr as pt
 from petl_tpr.backbones import discover
 from petl_tpr.presets import PRESETS
+from petl_tpr.registry import FAMILIES
 
 from conftest import assert_no_petl_traces, family_example, perturb
 
@@ -126,3 +127,16 @@ def test_summary_counts_and_percent():
     assert "percent" in s.table()
     next(model.text_model.final_layer_norm.parameters()).requires_grad_(True)
     assert pt.summary(model).by_method()["base"] == 32
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_preset_injects_into_every_family(preset, family):
+    """Presets name no branches: single-tower models (timm, BERT, TransformerEncoder) take them too."""
+    model, run = family_example(family)
+    report = pt.inject(model, preset)
+    branches = set(discover(model).branches)
+    assert {a.branch for a in pt.api.get_injection(model).attachments} == branches, report.describe()
+    assert pt.summary(model).trainable > 0
+    with torch.no_grad():
+        assert torch.isfinite(run(model)).all()
