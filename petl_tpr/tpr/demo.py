@@ -245,7 +245,9 @@ def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, d
     with PeakMemory(next(model.parameters()).device) as memory:
         history = [] if epochs == 0 else train(
             model, data, _train_config(c, run_dir, epochs=epochs, lr=lr, trainable=trainable),
-            tokenizer=ctx.tokenizer, train_transform=ctx.train_transform)
+            tokenizer=ctx.tokenizer, train_transform=ctx.train_transform,
+            on_epoch=lambda r: ctx.log(f"    [{method}] epoch {r['epoch']}/{epochs}: loss {r['loss']:.3f} "
+                                       f"({r['train_s']:.1f} s)"))
     train_s = time.perf_counter() - began
     step_memory = _step_memory(ctx, model, data) if epochs else None
     metrics = evaluate(model, eval_on, tokenizer=ctx.tokenizer, transform=ctx.eval_transform,

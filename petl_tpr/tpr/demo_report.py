@@ -46,9 +46,10 @@ def plot_r1_vs_params(results: list[dict], path: Path) -> Path | None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return None
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     for result in results:
@@ -58,8 +59,13 @@ def plot_r1_vs_params(results: list[dict], path: Path) -> Path | None:
         axes.scatter([result["trainable"]], [result["R@1"]], s=60)
         axes.annotate(f"{result['method']}\n{result['percent']:.1f}%", (result["trainable"], result["R@1"]),
                       textcoords="offset points", xytext=(6, 4), fontsize=8)
+    trained = [r["trainable"] for r in results if r["trainable"] > 0]
+    top = max(r["R@1"] for r in results)
     axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="R@1 (%)",
-             title="Transfer to synthetic domain 1: R@1 vs trainable parameters")
+             title="Transfer to synthetic domain 1: R@1 vs trainable parameters", ylim=(0, min(100, top * 1.2 + 5)))
+    if trained:
+        axes.set_xlim(min(trained) / 2, max(trained) * 4)
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.grid(True, which="both", alpha=0.3)
     if any(r["trainable"] == 0 for r in results):
         axes.legend(loc="lower right", fontsize=8)

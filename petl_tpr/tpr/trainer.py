@@ -223,7 +223,8 @@ def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLos
 
 def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *, tokenizer: ClipTokenizer,
           train_transform: Callable, eval_transform: Callable | None = None, resume: bool = False,
-          stop_after: int | None = None, device: str | torch.device | None = None) -> list[dict]:
+          stop_after: int | None = None, device: str | torch.device | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train the adapters injected in `model.clip` on `data.train`; returns the per-epoch history.
 
     `train_transform` / `eval_transform` map a PIL image to `(3, H, W)` at the model's image size
@@ -236,6 +237,7 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     schedule: a run split into `stop_after` slices and resumed equals one uninterrupted run.
     Each history record: {"epoch" (1-based), "lr", "loss", "sdm", "id", "aux", "steps", "samples",
     "train_s"} plus, on evaluated epochs, {"val" or "test": {"R@1", ..., "mINP", ...}, "eval_s"}.
+    `on_epoch(record)` is called (on rank 0) after each epoch's checkpoint and log line are written.
     """
     from ..api import get_injection
 
@@ -333,6 +335,8 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
                          scaler=scaler, config=config, history=history, best=best, group=group)
         if group.is_main:
             files.append_metrics(record)
+            if on_epoch is not None:
+                on_epoch(record)
         group.barrier()
     if config.plot and group.is_main:
         plot_history(history, files.curves)

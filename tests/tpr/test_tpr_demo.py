@@ -52,6 +52,7 @@ def test_quick_demo_prints_the_table_writes_the_files_and_resumes(tmp_path, caps
     again = run_demo(DemoConfig.quick(out, progress=False), log=logged.append)
     assert by_method(again) == results
     assert sum("reusing" in line for line in logged) == len(METHODS) + 1
+    assert "[pretrain] epoch 2/2: loss" in printed and "[lora] epoch 1/1: loss" in printed
 
 
 
