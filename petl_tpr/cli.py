@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .tpr.demo import DemoConfig, run_demo
 
-    options = dict(backbone=args.backbone, threads=args.threads, progress=args.progress)
+    options = dict(backbone=args.backbone, threads=args.threads, progress=args.progress, device=args.device)
     if args.methods:
         options["methods"] = tuple(args.methods)
     config = DemoConfig.quick(args.out, **options) if args.quick else DemoConfig(out_dir=args.out, **options)
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one epoch per method (a smoke run)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.set_defaults(func=_demo)

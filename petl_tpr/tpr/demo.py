@@ -65,6 +65,7 @@ class DemoConfig:
     full_lr: float = 3e-4       # the whole network moves with small steps ...
     petl_lr: float = 3e-3       # ... adapters start at zero and take larger ones (as in the papers)
     seed: int = 0
+    device: str | None = None   # default: cuda when available, else cpu
     threads: int | None = None
     progress: bool | None = None
 
@@ -185,8 +186,8 @@ def _prepare(ctx: DemoContext) -> None:
 def _train_config(config: DemoConfig, out_dir: Path, *, epochs: int, lr: float, trainable: str):
     from .trainer import TrainConfig
 
-    # Adam with eps 1e-8 and no weight decay: the reference's eps 1e-3 suits fp16 ViT-B steps, not a
-    # few hundred steps from random initialisation.
+    # Adam with eps 1e-8 and no weight decay for these few hundred steps from a random start (the
+    # reference's eps 1e-3 and decay 4e-5 were set for adapting a pre-trained ViT-B/16).
     return TrainConfig(out_dir=out_dir, epochs=epochs, batch_size=config.batch_size, lr=lr, eps=1e-8,
                        weight_decay=0.0, warmup_epochs=1 if epochs > 1 else 0, seed=config.seed + 1,
                        eval_split="none", plot=True, progress=config.progress, trainable=trainable,
@@ -269,7 +270,7 @@ def _pretrained_model(ctx: DemoContext):
     from .run_files import load_weights, save_weights
 
     c = ctx.config
-    model = build_model(c)
+    model = build_model(c).to(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = c.out_dir / "pretrain"
     settings = {**c.settings(pretrain=True), "method": "pretrain"}
     weights = run_dir / "pretrained.safetensors"
@@ -307,6 +308,9 @@ def run_demo(config: DemoConfig, *, fresh: bool = False, log: Callable[[str], No
     for i, method in enumerate(config.methods, 1):
         model = copy.deepcopy(ctx.pretrained)
         if method not in ("zero-shot", "full fine-tuning"):
+            # Adapter initialisation draws from the global RNG: seed it, so that a method's result
+            # does not depend on which methods ran before it (and a re-run of one step matches).
+            torch.manual_seed(config.seed)
             pt.inject(model.clip, method_spec(method, config.width))
         epochs = 0 if method == "zero-shot" else config.transfer_epochs
         lr = config.full_lr if method == "full fine-tuning" else config.petl_lr

@@ -69,6 +69,16 @@ def test_changed_settings_are_not_reused_and_subsets_run(tmp_path):
     assert second[0]["epochs"] == 2
 
 
+def test_a_method_alone_matches_it_in_the_full_list(tmp_path):
+    """Adapter initialisation is seeded per method: running one method alone (as a re-run of a lost
+    step does) gives the numbers it had after the other methods."""
+    common = dict(progress=False)
+    full = by_method(run_demo(DemoConfig.quick(tmp_path / "a", **common), log=lambda line: None))
+    alone = run_demo(DemoConfig.quick(tmp_path / "b", methods=("dm-adapter",), **common), log=lambda line: None)
+    keys = ("trainable", "R@1", "R@5", "R@10", "mAP", "mINP", "final_loss")
+    assert {k: alone[0][k] for k in keys} == {k: full["dm-adapter"][k] for k in keys}
+
+
 def test_open_clip_backbone(tmp_path):
     results = run_demo(DemoConfig.quick(tmp_path, backbone="open_clip", methods=("zero-shot", "up-person"),
                                         progress=False), log=lambda line: None)
