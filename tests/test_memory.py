@@ -1,5 +1,6 @@
 """petl_tpr.memory: the RSS sampler, PeakMemory and the saved-activation account."""
 
+import mmap
 import time
 
 import torch
@@ -34,8 +35,10 @@ def test_training_memory_parts():
 
 
 def test_peak_memory_sees_a_large_allocation():
+    # Fresh anonymous pages (an allocator could hand back memory already resident from earlier tests).
     with PeakMemory("cpu") as peak:
-        block = torch.ones(64 * 2**20 // 4)      # 64 MB, touched
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))      # touched: now resident
         time.sleep(0.1)                          # held for many 2 ms sampling intervals
-        del block
+        block.close()
     assert peak.kind == "rss" and peak.added_mb > 40 and peak.peak_mb >= peak.start_mb

@@ -59,7 +59,7 @@ class DemoConfig:
     image_size: tuple[int, int] = (128, 48)
     context_length: int = 48
     pretrain_epochs: int = 16
-    transfer_epochs: int = 6
+    transfer_epochs: int = 10
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     full_lr: float = 3e-4       # the whole network moves with small steps ...
