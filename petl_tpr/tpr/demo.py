@@ -267,10 +267,11 @@ def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, d
 
 def _pretrained_model(ctx: DemoContext):
     """Pre-train (or reload the cached pre-training of) the source model; returns its result."""
+    from .run_config import default_device
     from .run_files import load_weights, save_weights
 
     c = ctx.config
-    model = build_model(c).to(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(c).to(default_device(c.device))
     run_dir = c.out_dir / "pretrain"
     settings = {**c.settings(pretrain=True), "method": "pretrain"}
     weights = run_dir / "pretrained.safetensors"
