@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
 
-from petl_tpr.memory import PeakSampler, rss_mb  # noqa: E402
+from petl_tpr.memory import PeakMemory  # noqa: E402
 
 METHODS = {
     "full fine-tuning": None,
@@ -73,20 +73,17 @@ def one_method(name: str, args) -> dict:
 
     step()
     result = {"trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in model.parameters())}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory(device) as memory:      # CUDA: synchronised on entry and exit
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-        result.update(step_s=time.perf_counter() - start, peak_mb=torch.cuda.max_memory_allocated() / 2**20)
+        if memory.kind == "cuda_allocated":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - start
+    if memory.kind == "cuda_allocated":
+        result.update(step_s=step_s, peak_mb=memory.peak_mb)
     else:
-        before = rss_mb()
-        start = time.perf_counter()
-        with PeakSampler() as sampler:
-            step()
-        result.update(step_s=time.perf_counter() - start, peak_rss_mb=sampler.peak, rss_before_mb=before,
-                      step_rss_mb=sampler.peak - before)
+        result.update(step_s=step_s, peak_rss_mb=memory.peak_mb, rss_before_mb=memory.start_mb,
+                      step_rss_mb=memory.added_mb)
     return result
 
 

@@ -102,6 +102,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .tpr.demo import METHODS as DEMO_METHODS
+
     parser = argparse.ArgumentParser(prog="petl-tpr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("quickstart", help="inject UP-Person (S-Prefix + LoRA + L-Adapter) into CLIP ViT-B/16, train a step, save, reload")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", choices=("transformers", "open_clip"), default="transformers",
                    help="library whose CLIP config builds the small model")
     p.add_argument("--methods", nargs="+", default=None, help="a subset of: " + ", ".join(
-        ("zero-shot", "'full fine-tuning'", "lora", "up-person", "dm-adapter", "unipt")))
+        repr(m) if " " in m else m for m in DEMO_METHODS))
     p.add_argument("--quick", action="store_true", help="tiny sizes, one epoch per method (a smoke run)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
