@@ -6,6 +6,9 @@ the block sizes are compile-time. Accumulation is fp32 (`tl.dot` accumulates in 
 operands are cast to `DOT` (the inputs' dtype for fp16/bf16, fp32 otherwise) and fp32 dots use
 `PREC` ("ieee" or "tf32", following `torch.backends.cuda.matmul.allow_tf32`).
 
+Every atomic add is `sem="relaxed"`: the adds only accumulate, and nothing in the kernel reads
+what another program added (the default acq_rel compiles to fenced `atom` instructions).
+
 Tile `i` of the forward and of the token-side backward covers sorted positions
 `[tile_start[i], tile_stop[i])` (at most BM of them) of expert `tile_expert[i]`; padding tiles have
 `start == stop` and do nothing but masked work.
@@ -83,7 +86,8 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
         out = tl.dot(a, wu.to(DOT), input_precision=PREC)
         bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
         out = out + g[:, None] * bu[None, :]
-        tl.atomic_add(y_ptr + tok[:, None] * d + offn[None, :], out, mask=mrow[:, None] & mn[None, :])
+        tl.atomic_add(y_ptr + tok[:, None] * d + offn[None, :], out, mask=mrow[:, None] & mn[None, :],
+                      sem="relaxed")
 
 
 @triton.jit
@@ -119,7 +123,8 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
         mk = offk < d
         w = tl.load(wd_ptr + e * d * r + offk[:, None] * r + offr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
         dxt = tl.dot(dh_op, tl.trans(w.to(DOT)), input_precision=PREC)
-        tl.atomic_add(dx_ptr + tok[:, None] * d + offk[None, :], dxt, mask=mrow[:, None] & mk[None, :])
+        tl.atomic_add(dx_ptr + tok[:, None] * d + offk[None, :], dxt, mask=mrow[:, None] & mk[None, :],
+                      sem="relaxed")
 
 
 @triton.jit
@@ -127,13 +132,16 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
                              dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r,
                              ACT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                              BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Program (expert e, d-block, split s): loop over the s-th share of expert e's sorted rows and
-    accumulate `dW_down[e, dblk, :] = x^T dH`, `dW_up[e, :, dblk] = (g act(h))^T dy`,
-    `db_up[e, dblk] = sum g dy` and (d-block 0 only) `db_down[e] = sum dH`; one atomic add of each
-    per program into fp32 buffers that start at zero (deterministic when SPLIT == 1)."""
+    """Program (expert e, d-block, 2 x split s + part): loop over the s-th share of expert e's sorted
+    rows; part 0 accumulates `dW_down[e, dblk, :] = x^T dH` and (d-block 0 only) `db_down[e] = sum dH`,
+    part 1 `dW_up[e, :, dblk] = (g act(h))^T dy` and `db_up[e, dblk] = sum g dy`. The two parts read
+    disjoint inputs (x, dH / h, gates, dy), so splitting them costs no traffic and halves the
+    accumulator registers. One atomic add of each result per program into fp32 buffers that start
+    at zero (deterministic when SPLIT == 1)."""
     e = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
-    sp = tl.program_id(2)
+    sp = tl.program_id(2) // 2
+    part = tl.program_id(2) % 2
     s = tl.load(bounds_ptr + e)
     t = tl.load(bounds_ptr + e + 1)
     share = tl.cdiv(tl.cdiv(t - s, SPLIT), BM) * BM
@@ -143,28 +151,34 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
     mk = offk < d
     offr = tl.arange(0, BR)
     mr = offr < r
-    acc_wd = tl.zeros((BD, BR), dtype=tl.float32)
-    acc_wu = tl.zeros((BR, BD), dtype=tl.float32)
-    acc_bu = tl.zeros((BD,), dtype=tl.float32)
-    acc_bd = tl.zeros((BR,), dtype=tl.float32)
-    for m0 in range(lo, hi, BM):
-        pos = m0 + tl.arange(0, BM).to(tl.int64)
-        mrow = pos < hi
-        tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
-        g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
-        rmask = mrow[:, None] & mk[None, :]
-        xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=rmask, other=0.0)
-        dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=rmask, other=0.0)
-        hmask = mrow[:, None] & mr[None, :]
-        h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
-        dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
-        ga = _act(h, ACT) * g[:, None]
-        acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
-        acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
-        acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)
-        acc_bd += tl.sum(dh, axis=0)
-    tl.atomic_add(dwd_ptr + e * d * r + offk[:, None] * r + offr[None, :], acc_wd, mask=mk[:, None] & mr[None, :])
-    tl.atomic_add(dwu_ptr + e * r * d + offr[:, None] * d + offk[None, :], acc_wu, mask=mr[:, None] & mk[None, :])
-    tl.atomic_add(dbu_ptr + e * d + offk, acc_bu, mask=mk)
-    r_here = tl.where(kb == 0, r, 0)                     # db_down from d-block 0 only
-    tl.atomic_add(dbd_ptr + e * r + offr, acc_bd, mask=offr < r_here)
+    if part == 0:
+        acc_wd = tl.zeros((BD, BR), dtype=tl.float32)
+        acc_bd = tl.zeros((BR,), dtype=tl.float32)
+        for m0 in range(lo, hi, BM):
+            pos = m0 + tl.arange(0, BM).to(tl.int64)
+            mrow = pos < hi
+            tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+            xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+            dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+            acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
+            acc_bd += tl.sum(dh, axis=0)
+        tl.atomic_add(dwd_ptr + e * d * r + offk[:, None] * r + offr[None, :], acc_wd,
+                      mask=mk[:, None] & mr[None, :], sem="relaxed")
+        r_here = tl.where(kb == 0, r, 0)                     # db_down from d-block 0 only
+        tl.atomic_add(dbd_ptr + e * r + offr, acc_bd, mask=offr < r_here, sem="relaxed")
+    else:
+        acc_wu = tl.zeros((BR, BD), dtype=tl.float32)
+        acc_bu = tl.zeros((BD,), dtype=tl.float32)
+        for m0 in range(lo, hi, BM):
+            pos = m0 + tl.arange(0, BM).to(tl.int64)
+            mrow = pos < hi
+            tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+            g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+            dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+            h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+            ga = _act(h, ACT) * g[:, None]
+            acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
+            acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)
+        tl.atomic_add(dwu_ptr + e * r * d + offr[:, None] * d + offk[None, :], acc_wu,
+                      mask=mr[:, None] & mk[None, :], sem="relaxed")
+        tl.atomic_add(dbu_ptr + e * d + offk, acc_bu, mask=mk, sem="relaxed")

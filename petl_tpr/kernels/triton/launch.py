@@ -17,12 +17,14 @@ order (r-wide, not d-wide; the activation is recomputed from them). The backward
 Combine: `y` and `dx` are atomic adds of fp32 rows into a zeroed `(T, d)` fp32 buffer (k picks
 per token meet there), then cast to x's dtype. The order of the k fp32 additions is not fixed, so
 results may differ in the last bits from run to run; the weight gradients are deterministic with
-`SPLIT = 1` (one program per (expert, d-block)), and atomic between row shares when SPLIT > 1.
+`SPLIT = 1` (one program per (expert, d-block, part)), and atomic between row shares when SPLIT > 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -41,12 +43,75 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(d: int, r: int, n: int) -> tuple[int, int, int]:
-    """(BM rows per tile, BR >= r, BD columns of d per step); tl.dot needs every dim >= 16."""
+@dataclass(frozen=True)
+class Blocks:
+    """Launch configuration of one kernel: BM rows (sorted assignments) per tile, BR >= r bottleneck
+    columns, BD columns of d per step (compile-time), and the launch options num_warps/num_stages."""
+
+    BM: int
+    BR: int
+    BD: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+KERNELS = ("fwd", "bwd_token", "bwd_weight")
+_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def blocks(kernel: str, d: int, r: int) -> Blocks:
+    """The configuration `kernel` (one of KERNELS) is launched with at widths d, r; tl.dot needs every
+    block dim >= 16. Under the interpreter BM = 16 (small tiles, fast tests). `block_overrides`
+    replaces fields (block-size sweeps)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
     bd = max(16, min(64 if br <= 128 else 32, triton.next_power_of_2(d)))
     bm = 16 if interpreting() else (64 if br <= 128 else 32)
-    return bm, br, bd
+    cfg = replace(Blocks(BM=bm, BR=br, BD=bd), **_OVERRIDES.get(kernel, {}))
+    sizes = (cfg.BM, cfg.BR, cfg.BD)
+    if cfg.BR < r or any(size < 16 or size & (size - 1) for size in sizes):
+        raise ValueError(f"{kernel} blocks {cfg}: BM, BR, BD must be powers of 2 >= 16 and BR >= r = {r}")
+    return cfg
+
+
+@contextlib.contextmanager
+def block_overrides(**per_kernel: dict[str, int]):
+    """Within the block, launch `kernel` with the given Blocks fields, e.g.
+    `block_overrides(fwd={"BM": 128, "num_warps": 8})`. BR must stay >= r; BM, BD >= 16, powers of 2."""
+    unknown = set(per_kernel) - set(KERNELS)
+    fields = set(Blocks.__dataclass_fields__)
+    bad = {name: sorted(set(values) - fields) for name, values in per_kernel.items() if set(values) - fields}
+    if unknown or bad:
+        raise ValueError(f"unknown kernels {sorted(unknown)} or fields {bad}; kernels {KERNELS}, fields {sorted(fields)}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(per_kernel)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """`kernel[grid](*args, **meta)`; the one place a kernel is launched (`compile_report` swaps it for
+    a recorder to compile the very same launches ahead of time, with no GPU)."""
+    kernel[grid](*args, **meta)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA `device`; None elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _weight_split(n: int, E: int, d_blocks: int, bm: int, sms: int | None) -> int:
+    """Row shares per (expert, d-block) program of the weight-gradient kernel: enough programs to give
+    the GPU about 4 per SM, never more shares than row tiles; 1 (deterministic) off the GPU."""
+    if sms is None:
+        return 1
+    split = max(1, min(triton.cdiv(4 * sms, E * d_blocks), triton.cdiv(n, E * bm)))
+    return triton.next_power_of_2(split)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -89,18 +154,17 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     T, d = x.shape
     E, _, r = w_down.shape
     n = expert_ids.numel()
-    bm, br, bd = _blocks(d, r, n)
+    cfg = blocks("fwd", d, r)
     y = torch.zeros(T, d, dtype=torch.float32, device=x.device)
     h = torch.empty(n, r, dtype=torch.float32, device=x.device)
     if n == 0:
         return y.to(x.dtype), h, expert_ids.new_empty(0), expert_ids.new_zeros(E + 1)
     order, bounds = _plan(expert_ids, E)
-    tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, bm)
+    tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, cfg.BM)
     token = torch.div(order, expert_ids.shape[1], rounding_mode="floor")
     gs = gates.reshape(-1).index_select(0, order).contiguous()
-    routed_fwd_kernel[(tile_start.numel(),)](
-        x, w_down, b_down, w_up, b_up, gs, token, tile_start, tile_stop, tile_expert, y, h, d, r,
-        ACT=ACTS[activation], BM=bm, BR=br, BD=bd, DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
+    _launch(routed_fwd_kernel, (tile_start.numel(),), x, w_down, b_down, w_up, b_up, gs, token, tile_start, tile_stop,
+            tile_expert, y, h, d, r, ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), **asdict(cfg))
     return y.to(x.dtype), h, order, bounds
 
 
@@ -122,7 +186,6 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
     E, _, r = w_down.shape
     k = expert_ids.shape[1]
     n = expert_ids.numel()
-    bm, br, bd = _blocks(d, r, n)
     f32 = dict(dtype=torch.float32, device=x.device)
     dx, dgates = torch.zeros(T, d, **f32), torch.zeros(n, **f32)
     dwd, dbd = torch.zeros(E, d, r, **f32), torch.zeros(E, r, **f32)
@@ -131,23 +194,19 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
         dy = dy.contiguous()
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, bm)
-        n_tiles = tile_start.numel()
         token = torch.div(order, k, rounding_mode="floor")
         gs = gates.reshape(-1).index_select(0, order).contiguous()
         dh = torch.empty(n, r, **f32)
-        meta = dict(ACT=ACTS[activation], BM=bm, BR=br, BD=bd, DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
-        routed_bwd_token_kernel[(n_tiles,)](
-            dy, w_down, w_up, b_up, gs, token, order, h, tile_start, tile_stop, tile_expert, dx, dgates, dh, d, r,
-            **meta)
-        d_blocks = triton.cdiv(d, bd)
-        split = 1
-        if x.is_cuda:   # enough programs to fill the GPU: about 4 per SM
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            split = max(1, min(triton.cdiv(4 * sms, E * d_blocks), triton.cdiv(n, E * bm)))
-            split = triton.next_power_of_2(split)
-        routed_bwd_weight_kernel[(E, d_blocks, split)](
-            x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu, d, r, SPLIT=split, **meta)
+        common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
+        cfg = blocks("bwd_token", d, r)
+        tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, cfg.BM)
+        _launch(routed_bwd_token_kernel, (tile_start.numel(),), dy, w_down, w_up, b_up, gs, token, order, h,
+                tile_start, tile_stop, tile_expert, dx, dgates, dh, d, r, **common, **asdict(cfg))
+        cfg = blocks("bwd_weight", d, r)
+        d_blocks = triton.cdiv(d, cfg.BD)
+        split = _weight_split(n, E, d_blocks, cfg.BM, _sm_count(x.device))
+        _launch(routed_bwd_weight_kernel, (E, d_blocks, 2 * split), x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu,
+                d, r, SPLIT=split, **common, **asdict(cfg))
     out = x.dtype
     return (dx.to(out), dgates.view(T, k).to(gates.dtype), dwd.to(w_down.dtype), dbd.to(out), dwu.to(w_up.dtype),
             dbu.to(b_up.dtype))

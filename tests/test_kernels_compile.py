@@ -1,0 +1,118 @@
+"""The routed-adapter Triton kernels compiled ahead of time for sm_90 (H100/H200) on this CPU machine.
+
+`compile_report` records the launches the real launcher makes at DM-Adapter's batch-128 shapes and
+compiles them with ptxas for sm_90: these tests check what the GPU would run (no spills, shared memory
+within the limit, Hopper tensor cores, 16-byte gathers, relaxed atomics) without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler", reason="needs triton >= 3.2's compiler API")
+
+from petl_tpr.kernels.triton import compile_report, interpreting, launch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(interpreting(), reason="TRITON_INTERPRET=1 replaces the JIT functions")
+H100 = compile_report.ARCHS[90]
+
+
+def _check_hopper_ready(rows, dtype):
+    assert [row.kernel for row in rows] == ["routed_fwd_kernel", "routed_bwd_token_kernel", "routed_bwd_weight_kernel"]
+    for row in rows:
+        where = f"{row.kernel} {row.shape} {row.dtype}"
+        assert row.spill_bytes == 0 and row.stack_bytes == 0, f"{where} spills: {row}"
+        assert 0 < row.shared_bytes <= H100.shared_per_block, where
+        assert row.blocks_per_sm >= 1 and row.waves > 0, where
+        assert row.atomics and all(".relaxed." in name for name in row.atomics), f"{where}: {row.atomics}"
+        if dtype != "float32":
+            assert row.tensor_core and all(name.startswith("wgmma.mma_async") and dtype[:2] in name.replace(
+                "bfloat", "bf").replace("float", "f") for name in row.tensor_core), f"{where}: {row.tensor_core}"
+            assert int(row.loads_by_bytes.get("16", 0)) > 0, f"{where}: no 16-byte loads {row.loads_by_bytes}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_vision_kernels_compile_for_sm90_without_spills_on_tensor_cores(dtype):
+    _check_hopper_ready(compile_report.kernel_stats("vision", dtype, "relu", arch=90), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("shape", ["vision", "text"])
+def test_every_shape_dtype_activation_compiles_for_sm90(shape, dtype, activation):
+    _check_hopper_ready(compile_report.kernel_stats(shape, dtype, activation, arch=90), dtype)
+
+
+def test_fp32_follows_torch_tf32_flag(monkeypatch):
+    """fp32 dots are exact FMA dots unless torch allows TF32 for matmuls, then TF32 wgmma (as cuBLAS)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    (ieee,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+    assert ieee.tensor_core == {} and ieee.spill_bytes == 0
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    (tf32,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+    assert tf32.tensor_core and all(".tf32.tf32" in name for name in tf32.tensor_core), tf32.tensor_core
+
+
+def test_recorded_launches_are_the_launchers():
+    """Grids and constants recorded on the CPU are those of launch.py's plan at that shape."""
+    T, d, r, E, k = 500, 96, 20, 5, 2
+    fwd, token, weight = compile_report.record_launches(T, d, r, E, k, torch.bfloat16, "gelu", sms=132)
+    cfg = launch.blocks("fwd", d, r)
+    n = T * k
+    assert fwd.kernel is launch.routed_fwd_kernel and fwd.grid == (triton.cdiv(n, cfg.BM) + E,)
+    assert token.kernel is launch.routed_bwd_token_kernel and token.grid == fwd.grid
+    split = launch._weight_split(n, E, triton.cdiv(d, cfg.BD), cfg.BM, 132)
+    assert weight.kernel is launch.routed_bwd_weight_kernel and weight.grid == (E, triton.cdiv(d, cfg.BD), 2 * split)
+    assert fwd.meta["ACT"] == 1 and fwd.meta["BR"] == 32 and fwd.meta["DOT"] == triton.language.bfloat16
+    assert weight.meta["SPLIT"] == split and split > 1     # spread over the SMs
+
+
+def test_overrides_reach_the_compiled_kernel():
+    (small,) = compile_report.kernel_stats("text", "bfloat16", arch=90, kernels=("fwd",),
+                                           overrides={"fwd": {"BM": 32, "BD": 32, "num_warps": 8}})
+    assert small.num_warps == 8 and small.constants["BM"] == "32" and small.constants["BD"] == "32"
+    assert small.grid == [triton.cdiv(128 * 77 * 2, 32) + 6]
+
+
+def test_block_overrides_are_checked_and_restored():
+    before = launch.blocks("fwd", 768, 96)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        with launch.block_overrides(forward={"BM": 32}):
+            pass
+    with pytest.raises(ValueError, match="fields"):
+        with launch.block_overrides(fwd={"BN": 32}):
+            pass
+    with launch.block_overrides(fwd={"BR": 64}):
+        with pytest.raises(ValueError, match="BR >= r"):
+            launch.blocks("fwd", 768, 96)
+    with pytest.raises(RuntimeError):
+        with launch.block_overrides(bwd_token={"BM": 128}):
+            assert launch.blocks("bwd_token", 768, 96).BM == 128
+            raise RuntimeError
+    assert launch.blocks("fwd", 768, 96) == before and launch.blocks("bwd_token", 768, 96).BM == before.BM
+
+
+def test_ptx_counts_reads_widths_and_instructions():
+    ptx = "\n".join([
+        "cp.async.cg.shared.global [ %r116 + 0 ], [ %rd92 + 0 ], 0x10, %r117;",
+        "@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+        "ld.global.nc.b16 {%h1}, [%rd2];",
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};",
+        "@%p2 red.global.gpu.relaxed.add.v4.f32 [ %rd3 + 0 ], { %f1, %f2, %f3, %f4 };",
+        "atom.global.gpu.acq_rel.add.f32 %f5, [ %rd4 + 0 ], %f6;",
+    ])
+    tensor, loads, atomics = compile_report.ptx_counts(ptx)
+    assert tensor == {"wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16": 1}
+    assert loads == {"2": 1, "16": 2}
+    assert atomics == {"red.global.gpu.relaxed.add.v4.f32": 1, "atom.global.gpu.acq_rel.add.f32": 1}
+
+
+def test_occupancy_limits():
+    # 255 registers x 32 threads round up to 8192 per warp: 65536 / (8192 x 4 warps) = 2 blocks
+    assert compile_report.occupancy(H100, 255, 16 * 1024, 4) == (2, "registers")
+    # 100 KB (+1 KB reserved) of the SM's 228 KB: 2 blocks
+    assert compile_report.occupancy(H100, 32, 100 * 1024, 4) == (2, "shared")
+    assert compile_report.occupancy(H100, 32, 1024, 8) == (8, "warps")
