@@ -87,7 +87,7 @@ def timed_sweep(device: str, shapes: list[str], dtypes: list[str], candidates: l
     """One row per candidate with its median ms (do_bench), the default config's ms and the ratio."""
     import triton.testing
 
-    from petl_tpr.kernels.triton import launch
+    from petl_tpr.kernels.triton import compile_report, launch
 
     rows = []
     for shape in shapes:
@@ -95,7 +95,8 @@ def timed_sweep(device: str, shapes: list[str], dtypes: list[str], candidates: l
             for kernel in launch.KERNELS:
                 fn = _op_call(kernel, shape, dtype, device)
                 default_ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-                default = launch.blocks(kernel, 768 if shape == "vision" else 512, 96 if shape == "vision" else 64)
+                dims = compile_report.SHAPES[shape]
+                default = launch.blocks(kernel, dims["d"], dims["r"], compile_report.DTYPES[dtype])
                 for config in candidates:
                     row = {"shape": shape, "dtype": dtype, "kernel": kernel, "config": config,
                            "default_config": {"BM": default.BM, "BD": default.BD, "num_warps": default.num_warps}}

@@ -59,16 +59,22 @@ KERNELS = ("fwd", "bwd_token", "bwd_weight")
 _OVERRIDES: dict[str, dict[str, int]] = {}
 
 
-def blocks(kernel: str, d: int, r: int) -> Blocks:
-    """The configuration `kernel` (one of KERNELS) is launched with at widths d, r; tl.dot needs every
-    block dim >= 16. Under the interpreter BM = 16 (small tiles, fast tests). `block_overrides`
-    replaces fields (block-size sweeps)."""
+def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> Blocks:
+    """The configuration `kernel` (one of KERNELS) is launched with at widths d, r for `dtype` operands;
+    tl.dot needs every block dim >= 16. Under the interpreter BM = 16 (small tiles, fast tests).
+    `block_overrides` replaces fields (block-size sweeps).
+
+    Chosen so that none of the kernels spills registers on sm_90 at DM-Adapter's shapes in fp32,
+    fp16 and bf16 (`compile_report`, tests/test_kernels_compile.py): the token-side backward holds
+    two (BM, BR) fp32 tiles and gets 8 warps; fp32 dots (FMA or TF32) take 8 warps and BD = 32."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
-    bd = max(16, min(64 if br <= 128 else 32, triton.next_power_of_2(d)))
+    half = dtype in (torch.float16, torch.bfloat16)
+    bd = max(16, min(64 if br <= 128 and half else 32, triton.next_power_of_2(d)))
     bm = 16 if interpreting() else (64 if br <= 128 else 32)
-    cfg = replace(Blocks(BM=bm, BR=br, BD=bd), **_OVERRIDES.get(kernel, {}))
+    warps = 8 if (not half or kernel == "bwd_token") else 4
+    cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps), **_OVERRIDES.get(kernel, {}))
     sizes = (cfg.BM, cfg.BR, cfg.BD)
     if cfg.BR < r or any(size < 16 or size & (size - 1) for size in sizes):
         raise ValueError(f"{kernel} blocks {cfg}: BM, BR, BD must be powers of 2 >= 16 and BR >= r = {r}")
@@ -154,7 +160,7 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     T, d = x.shape
     E, _, r = w_down.shape
     n = expert_ids.numel()
-    cfg = blocks("fwd", d, r)
+    cfg = blocks("fwd", d, r, x.dtype)
     y = torch.zeros(T, d, dtype=torch.float32, device=x.device)
     h = torch.empty(n, r, dtype=torch.float32, device=x.device)
     if n == 0:
@@ -198,11 +204,11 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
         gs = gates.reshape(-1).index_select(0, order).contiguous()
         dh = torch.empty(n, r, **f32)
         common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
-        cfg = blocks("bwd_token", d, r)
+        cfg = blocks("bwd_token", d, r, x.dtype)
         tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, cfg.BM)
         _launch(routed_bwd_token_kernel, (tile_start.numel(),), dy, w_down, w_up, b_up, gs, token, order, h,
                 tile_start, tile_stop, tile_expert, dx, dgates, dh, d, r, **common, **asdict(cfg))
-        cfg = blocks("bwd_weight", d, r)
+        cfg = blocks("bwd_weight", d, r, x.dtype)
         d_blocks = triton.cdiv(d, cfg.BD)
         split = _weight_split(n, E, d_blocks, cfg.BM, _sm_count(x.device))
         _launch(routed_bwd_weight_kernel, (E, d_blocks, 2 * split), x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu,
