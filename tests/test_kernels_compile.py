@@ -28,8 +28,9 @@ def _check_hopper_ready(rows, dtype):
         assert row.blocks_per_sm >= 1 and row.waves > 0, where
         assert row.atomics and all(".relaxed." in name for name in row.atomics), f"{where}: {row.atomics}"
         if dtype != "float32":
-            assert row.tensor_core and all(name.startswith("wgmma.mma_async") and dtype[:2] in name.replace(
-                "bfloat", "bf").replace("float", "f") for name in row.tensor_core), f"{where}: {row.tensor_core}"
+            operands = {"float16": ".f16.f16", "bfloat16": ".bf16.bf16"}[dtype]
+            assert row.tensor_core and all(name.startswith("wgmma.mma_async") and name.endswith(operands)
+                                           for name in row.tensor_core), f"{where}: {row.tensor_core}"
             assert int(row.loads_by_bytes.get("16", 0)) > 0, f"{where}: no 16-byte loads {row.loads_by_bytes}"
 
 
@@ -116,3 +117,17 @@ def test_occupancy_limits():
     # 100 KB (+1 KB reserved) of the SM's 228 KB: 2 blocks
     assert compile_report.occupancy(H100, 32, 100 * 1024, 4) == (2, "shared")
     assert compile_report.occupancy(H100, 24, 1024, 8) == (8, "warps")   # 64 warps per SM / 8
+
+
+def test_static_block_sweep_writes_json_and_plot(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import moa_block_sweep
+
+    result = moa_block_sweep.main(["--static", "--quick", "--shapes", "text", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "moa_block_sweep_static_sm90.json").read_text())["rows"]
+    assert rows == result["rows"] and len(rows) == 3 * len(moa_block_sweep.QUICK)
+    assert all(row["fits"] and row["registers"] > 0 for row in rows)   # the quick candidates do not spill
+    assert (tmp_path / "moa_block_sweep_static_sm90.png").stat().st_size > 0

@@ -273,13 +273,13 @@ def report(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), activations=("relu",), ar
 def format_table(result: dict) -> str:
     """One line per kernel: registers, spills, shared KB, warps, occupancy, waves, tensor cores, 16-B loads."""
     lines = [f"sm_{result['arch']} ({result['part']}), triton {result['triton']}",
-             f"{'kernel':26} {'shape':6} {'dtype':8} {'regs':>4} {'spill':>5} {'smemKB':>6} {'warps':>5} "
+             f"{'kernel':26} {'shape':6} {'dtype':8} {'act':4} {'regs':>4} {'spill':>5} {'smemKB':>6} {'warps':>5} "
              f"{'blk/SM':>6} {'occ':>5} {'waves':>6} {'tensor-core':>11} {'16B-loads':>9} atomics"]
     for row in result["kernels"]:
         tensor = sum(row["tensor_core"].values())
         wide = row["loads_by_bytes"].get("16", 0)
         atomics = ",".join(sorted(row["atomics"]))
-        lines.append(f"{row['kernel']:26} {row['shape']:6} {row['dtype']:8} {row['registers']:4d} "
+        lines.append(f"{row['kernel']:26} {row['shape']:6} {row['dtype']:8} {row['activation']:4} {row['registers']:4d} "
                      f"{row['spill_bytes']:5d} {row['shared_bytes'] / 1024:6.1f} {row['num_warps']:5d} "
                      f"{row['blocks_per_sm']:6d} {row['occupancy']:5.2f} {row['waves']:6.2f} {tensor:11d} "
                      f"{wide:9d} {atomics}")
