@@ -47,13 +47,20 @@ def test_every_shape_dtype_activation_compiles_for_sm90(shape, dtype, activation
     _check_hopper_ready(compile_report.kernel_stats(shape, dtype, activation, arch=90), dtype)
 
 
-def test_fp32_follows_torch_tf32_flag(monkeypatch):
-    """fp32 dots are exact FMA dots unless torch allows TF32 for matmuls, then TF32 wgmma (as cuBLAS)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    (ieee,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+def test_fp32_follows_torch_tf32_flag():
+    """fp32 dots are exact FMA dots unless torch allows TF32 for matmuls, then TF32 wgmma (as cuBLAS).
+    The flag is set and restored by hand: cuBLASModule's attributes are properties that pytest's
+    monkeypatch cannot undo (it tries to delete them)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        (ieee,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+        matmul.allow_tf32 = True
+        (tf32,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+    finally:
+        matmul.allow_tf32 = saved
     assert ieee.tensor_core == {} and ieee.spill_bytes == 0
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    (tf32,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
     assert tf32.tensor_core and all(".tf32.tf32" in name for name in tf32.tensor_core), tf32.tensor_core
 
 
