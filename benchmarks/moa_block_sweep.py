@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
+from moa_routing import make_inputs  # noqa: E402
 
 CANDIDATES = [dict(BM=bm, BD=bd, num_warps=warps) for bm in (32, 64, 128) for bd in (32, 64, 128) for warps in (4, 8)]
 QUICK = [dict(BM=64, BD=64, num_warps=4), dict(BM=32, BD=32, num_warps=4)]
@@ -71,10 +72,8 @@ def _op_call(kernel: str, shape: str, dtype: str, device: str):
     """A no-argument function running the op piece that launches `kernel` on `device`."""
     from petl_tpr.kernels.triton import compile_report, launch
 
-    dims = compile_report.SHAPES[shape]
-    x, ids, gates, w_down, b_down, w_up, b_up = [t.to(device) for t in compile_report.make_inputs(
-        **dims, dtype=compile_report.DTYPES[dtype])]
-    w_down, w_up = w_down / dims["d"] ** 0.5, w_up / dims["r"] ** 0.5   # keep values in range for fp16
+    x, ids, gates, w_down, b_down, w_up, b_up = [t.detach() for t in make_inputs(
+        **compile_report.SHAPES[shape], device=torch.device(device), dtype=compile_report.DTYPES[dtype])]
     if kernel == "fwd":
         return lambda: launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
     _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")

@@ -26,6 +26,7 @@ import math
 import re
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,8 +217,6 @@ def occupancy(arch: Arch, registers: int, shared: int, warps: int) -> tuple[int,
 
 def compile_launch(rec: Launch, arch: int = 90) -> tuple[object, float]:
     """triton.compile of one recorded launch for `sm_<arch>`; (CompiledKernel, seconds)."""
-    import time
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -250,8 +249,8 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
         rows.append(KernelStats(
             kernel=rec.kernel.fn.__name__, shape=shape, dtype=dtype, activation=activation, arch=arch,
             constants=constants, grid=list(rec.grid), num_warps=warps, num_stages=stages, registers=res["registers"],
-            spill_bytes=res["spill_stores"], spill_load_bytes=res["spill_loads"], stack_bytes=res["stack"], shared_bytes=shared, blocks_per_sm=blocks,
-            limited_by=limiter, occupancy=round(blocks * warps / limits.warps, 4),
+            spill_bytes=res["spill_stores"], spill_load_bytes=res["spill_loads"], stack_bytes=res["stack"],
+            shared_bytes=shared, blocks_per_sm=blocks, limited_by=limiter, occupancy=round(blocks * warps / limits.warps, 4),
             waves=round(programs / max(1, blocks * limits.sms), 3), tensor_core=tensor, loads_by_bytes=loads,
             atomics=atomics, compile_s=round(seconds, 2)))
     return rows

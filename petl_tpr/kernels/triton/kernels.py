@@ -128,6 +128,15 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
 
 
 @triton.jit
+def _share_rows(tok_ptr, m0, hi, BM: tl.constexpr):
+    """Sorted positions `pos (BM,)` from m0, their mask (< hi) and token ids, for the weight kernel."""
+    pos = m0 + tl.arange(0, BM).to(tl.int64)
+    mrow = pos < hi
+    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+    return pos, mrow, tok
+
+
+@triton.jit
 def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, bounds_ptr,
                              dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r,
                              ACT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
@@ -155,9 +164,7 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
         acc_wd = tl.zeros((BD, BR), dtype=tl.float32)
         acc_bd = tl.zeros((BR,), dtype=tl.float32)
         for m0 in range(lo, hi, BM):
-            pos = m0 + tl.arange(0, BM).to(tl.int64)
-            mrow = pos < hi
-            tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+            pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
             xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
             dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
             acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
@@ -170,9 +177,7 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
         acc_wu = tl.zeros((BR, BD), dtype=tl.float32)
         acc_bu = tl.zeros((BD,), dtype=tl.float32)
         for m0 in range(lo, hi, BM):
-            pos = m0 + tl.arange(0, BM).to(tl.int64)
-            mrow = pos < hi
-            tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+            pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
             g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
             dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
             h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import RoutingError, check_id_range, check_inputs, compute_dtype
+from ..checks import HALF_DTYPES, RoutingError, check_id_range, check_inputs, compute_dtype
 from ..torch_fast import routed_adapters_torch
 from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel
 
@@ -71,7 +71,7 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in HALF_DTYPES
     bd = max(16, min(64 if br <= 128 and half else 32, triton.next_power_of_2(d)))
     bm = 16 if interpreting() else (64 if br <= 128 else 32)
     warps = 4 if half and kernel == "fwd" else 8
