@@ -33,7 +33,8 @@ def grads(fn, case, activation="relu", seed=1):
     """Output and the gradients of every differentiable input for a random upstream gradient."""
     leaves = [t.detach().clone().requires_grad_(i != 1) for i, t in enumerate(case)]
     y = fn(*leaves, activation=activation)
-    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    upstream = upstream.to(y.device, y.dtype)                   # drawn on the CPU: the same on every device
     y.backward(upstream)
     return y.detach(), [t.grad for i, t in enumerate(leaves) if i != 1]
 

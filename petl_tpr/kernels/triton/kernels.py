@@ -1,15 +1,21 @@
 """Triton kernels of the routed mixture-of-adapters op (forward, token-side backward, weight-side backward).
 
-All three work on the `N = T*k` (token, pick) assignments sorted by expert (`launch.py` builds the
-sort and the tile tables on the device). Every tensor is contiguous; `d`, `r` are runtime sizes,
-the block sizes are compile-time. Accumulation is fp32 (`tl.dot` accumulates in fp32); the dot
+All three work on the `N = T*k` (token, pick) assignments sorted by (slot j, expert): slot j's T
+assignments (one per token) fill sorted positions `[j*T, (j+1)*T)`, by expert, tokens ascending
+(`launch.py` builds the sort and the tile tables on the device). Every tensor is contiguous; `d`,
+`r` are runtime sizes, the block sizes are compile-time. Accumulation is fp32 (`tl.dot` accumulates in fp32); the dot
 operands are cast to `DOT` (the inputs' dtype for fp16/bf16, fp32 otherwise) and fp32 dots use
 `PREC` ("ieee" or "tf32", following `torch.backends.cuda.matmul.allow_tf32`).
 
-Every atomic add is `sem="relaxed"`: the adds only accumulate, and nothing in the kernel reads
-what another program added (the default acq_rel compiles to fenced `atom` instructions).
+Combine without atomics: the forward and the token-side backward run once per slot j ("slot
+passes", k launches in order on one stream). Within a pass every token occurs exactly once, so
+each output row belongs to one program: the first pass stores its fp32 rows, later passes load,
+add and store them, and the last pass writes the output dtype (`_combine`). y and dx are therefore
+deterministic and need no zero-fill and no cast pass. The weight gradients combine row shares with
+atomic adds, `sem="relaxed"` (they only accumulate; the default acq_rel compiles to fenced `atom`
+instructions).
 
-Tile `i` of the forward and of the token-side backward covers sorted positions
+Tile `i` of a pass of the forward and of the token-side backward covers sorted positions
 `[tile_start[i], tile_stop[i])` (at most BM of them) of expert `tile_expert[i]`; padding tiles have
 `start == stop` and do nothing but masked work.
 """
@@ -60,12 +66,27 @@ def _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, 
 
 
 @triton.jit
+def _combine(acc_ptr, out_ptr, offs, mask, part, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """Slot-pass combine of one fp32 block `part` into rows `offs` (each row belongs to this program
+    alone within a pass): add what the earlier passes left in the fp32 `acc` (unless FIRST), then
+    store to `acc` or, in the LAST pass, to `out` in out's dtype."""
+    if not FIRST:
+        part = part + tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    if LAST:
+        tl.store(out_ptr + offs, part.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + offs, part, mask=mask)
+
+
+@triton.jit
 def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
-                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, y_ptr, h_ptr, d, r,
+                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, acc_ptr, y_ptr, h_ptr, d, r,
                       ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                      DOT: tl.constexpr, PREC: tl.constexpr):
-    """One tile of one expert: gather x rows, down-projection, bias, activation (pre-activation stored
-    to `h (N, r)` fp32), gate, up-projection + gated up-bias, atomic add into `y (T, d)` fp32."""
+                      DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+                      STORE_H: tl.constexpr):
+    """One tile of one expert in one slot pass: gather x rows, down-projection, bias, activation
+    (pre-activation stored to `h (N, r)` fp32 when STORE_H), gate, up-projection + gated up-bias,
+    combined into row `tok` of `acc (T, d)` fp32 / `y (T, d)` (`_combine`)."""
     e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
                                                 BM, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
@@ -77,7 +98,8 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
         acc = tl.dot(xt.to(DOT), w.to(DOT), acc, input_precision=PREC)
     bd = tl.load(bd_ptr + e * r + offr, mask=mr, other=0.0).to(tl.float32)
     h = acc + bd[None, :]
-    tl.store(h_ptr + pos[:, None] * r + offr[None, :], h, mask=mrow[:, None] & mr[None, :])
+    if STORE_H:
+        tl.store(h_ptr + pos[:, None] * r + offr[None, :], h, mask=mrow[:, None] & mr[None, :])
     a = (_act(h, ACT) * g[:, None]).to(DOT)          # padded r columns are act(0) = 0
     for n0 in range(0, d, BD):
         offn = n0 + tl.arange(0, BD)
@@ -86,18 +108,18 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
         out = tl.dot(a, wu.to(DOT), input_precision=PREC)
         bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
         out = out + g[:, None] * bu[None, :]
-        tl.atomic_add(y_ptr + tok[:, None] * d + offn[None, :], out, mask=mrow[:, None] & mn[None, :],
-                      sem="relaxed")
+        _combine(acc_ptr, y_ptr, tok[:, None] * d + offn[None, :], mrow[:, None] & mn[None, :], out, FIRST, LAST)
 
 
 @triton.jit
 def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, order_ptr, h_ptr,
-                            tile_start_ptr, tile_stop_ptr, tile_expert_ptr, dx_ptr, dgates_ptr, dh_ptr, d, r,
-                            ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                            DOT: tl.constexpr, PREC: tl.constexpr):
-    """One tile of one expert: `P = dy_rows W_up^T`, dgate = <act(h), P> + <dy_rows, b_up> (stored at
-    the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)` fp32 for the weight kernel),
-    `dx_rows += dH W_down^T` (atomic add into `dx (T, d)` fp32)."""
+                            tile_start_ptr, tile_stop_ptr, tile_expert_ptr, acc_ptr, dx_ptr, dgates_ptr, dh_ptr,
+                            d, r, ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                            DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """One tile of one expert in one slot pass: `P = dy_rows W_up^T`, dgate = <act(h), P> +
+    <dy_rows, b_up> (stored at the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)`
+    fp32 for the weight kernel), `dH W_down^T` combined into row `tok` of `acc (T, d)` fp32 /
+    `dx (T, d)` (`_combine`)."""
     e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
                                                 BM, BR)
     p = tl.zeros((BM, BR), dtype=tl.float32)
@@ -123,8 +145,7 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
         mk = offk < d
         w = tl.load(wd_ptr + e * d * r + offk[:, None] * r + offr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
         dxt = tl.dot(dh_op, tl.trans(w.to(DOT)), input_precision=PREC)
-        tl.atomic_add(dx_ptr + tok[:, None] * d + offk[None, :], dxt, mask=mrow[:, None] & mk[None, :],
-                      sem="relaxed")
+        _combine(acc_ptr, dx_ptr, tok[:, None] * d + offk[None, :], mrow[:, None] & mk[None, :], dxt, FIRST, LAST)
 
 
 @triton.jit
@@ -137,25 +158,30 @@ def _share_rows(tok_ptr, m0, hi, BM: tl.constexpr):
 
 
 @triton.jit
+def _share(bounds_ptr, j, E, e, sp, SPLIT: tl.constexpr, BM: tl.constexpr):
+    """`[lo, hi)`: the sp-th of SPLIT BM-aligned shares of expert e's run in slot j."""
+    s = tl.load(bounds_ptr + j * E + e)
+    t = tl.load(bounds_ptr + j * E + e + 1)
+    share = tl.cdiv(tl.cdiv(t - s, SPLIT), BM) * BM
+    lo = s + sp * share
+    return lo, tl.minimum(lo + share, t)
+
+
+@triton.jit
 def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, bounds_ptr,
-                             dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r,
+                             dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r, E, n_slots,
                              ACT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                              BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Program (expert e, d-block, 2 x split s + part): loop over the s-th share of expert e's sorted
-    rows; part 0 accumulates `dW_down[e, dblk, :] = x^T dH` and (d-block 0 only) `db_down[e] = sum dH`,
-    part 1 `dW_up[e, :, dblk] = (g act(h))^T dy` and `db_up[e, dblk] = sum g dy`. The two parts read
-    disjoint inputs (x, dH / h, gates, dy), so splitting them costs no traffic and halves the
-    accumulator registers. One atomic add of each result per program into fp32 buffers that start
-    at zero (deterministic when SPLIT == 1)."""
+    rows in each of the `n_slots` slot runs; part 0 accumulates `dW_down[e, dblk, :] = x^T dH` and
+    (d-block 0 only) `db_down[e] = sum dH`, part 1 `dW_up[e, :, dblk] = (g act(h))^T dy` and
+    `db_up[e, dblk] = sum g dy`. The two parts read disjoint inputs (x, dH / h, gates, dy), so
+    splitting them costs no traffic and halves the accumulator registers. One atomic add of each
+    result per program into fp32 buffers that start at zero (deterministic when SPLIT == 1)."""
     e = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
     sp = tl.program_id(2) // 2
     part = tl.program_id(2) % 2
-    s = tl.load(bounds_ptr + e)
-    t = tl.load(bounds_ptr + e + 1)
-    share = tl.cdiv(tl.cdiv(t - s, SPLIT), BM) * BM
-    lo = s + sp * share
-    hi = tl.minimum(lo + share, t)
     offk = kb * BD + tl.arange(0, BD)
     mk = offk < d
     offr = tl.arange(0, BR)
@@ -163,12 +189,14 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
     if part == 0:
         acc_wd = tl.zeros((BD, BR), dtype=tl.float32)
         acc_bd = tl.zeros((BR,), dtype=tl.float32)
-        for m0 in range(lo, hi, BM):
-            pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
-            xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
-            dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
-            acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
-            acc_bd += tl.sum(dh, axis=0)
+        for j in range(0, n_slots):
+            lo, hi = _share(bounds_ptr, j, E, e, sp, SPLIT, BM)
+            for m0 in range(lo, hi, BM):
+                pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
+                xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+                dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+                acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
+                acc_bd += tl.sum(dh, axis=0)
         tl.atomic_add(dwd_ptr + e * d * r + offk[:, None] * r + offr[None, :], acc_wd,
                       mask=mk[:, None] & mr[None, :], sem="relaxed")
         r_here = tl.where(kb == 0, r, 0)                     # db_down from d-block 0 only
@@ -176,14 +204,16 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
     else:
         acc_wu = tl.zeros((BR, BD), dtype=tl.float32)
         acc_bu = tl.zeros((BD,), dtype=tl.float32)
-        for m0 in range(lo, hi, BM):
-            pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
-            g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
-            dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
-            h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
-            ga = _act(h, ACT) * g[:, None]
-            acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
-            acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)
+        for j in range(0, n_slots):
+            lo, hi = _share(bounds_ptr, j, E, e, sp, SPLIT, BM)
+            for m0 in range(lo, hi, BM):
+                pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
+                g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+                dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+                h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+                ga = _act(h, ACT) * g[:, None]
+                acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
+                acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)
         tl.atomic_add(dwu_ptr + e * r * d + offr[:, None] * d + offk[None, :], acc_wu,
                       mask=mr[:, None] & mk[None, :], sem="relaxed")
         tl.atomic_add(dbu_ptr + e * d + offk, acc_bu, mask=mk, sem="relaxed")

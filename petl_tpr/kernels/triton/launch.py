@@ -5,19 +5,22 @@ Layering: `routed_adapters_triton` (checks, dtype policy) -> `petl_tpr::moa_rout
 backward kernels). Both ops have fake (meta) implementations, so torch.compile keeps them as single
 graph nodes with no graph break.
 
-Plan, on the device: sort the flat ids once (`order`), `bounds (E+1,)` from a searchsorted, and the
-tile tables from per-expert tile counts, sized by the static upper bound `cdiv(N, BM) + E` tiles
-(padding tiles are empty), so the grid needs no host synchronisation. The only host transfer is the
-smallest/largest id, for the `[0, E)` check (a `RoutingError`, as in the other implementations).
+Plan, on the device: one stable sort of the flat ids keyed by (slot j, expert) (`order`),
+`bounds (k*E+1,)` from a searchsorted, and per slot pass the tile tables from per-expert tile
+counts, sized by the static upper bound `cdiv(T, BM) + E` tiles (padding tiles are empty), so the
+grids need no host synchronisation. The only host transfer is the smallest/largest id, for the
+`[0, E)` check (a `RoutingError`, as in the other implementations).
 
 Saved for the backward: x, the weights, gates, and the `(N, r)` fp32 pre-activations in sorted
-order (r-wide, not d-wide; the activation is recomputed from them). The backward writes dH
-`(N, r)` fp32 once and reads it in the weight kernel. Nothing `(N, d)` is formed.
+order (r-wide, not d-wide; the activation is recomputed from them). The forward stores them only
+when a gradient will be taken (`save_h`). The backward writes dH `(N, r)` fp32 once and reads it
+in the weight kernel. Nothing `(N, d)` is formed.
 
-Combine: `y` and `dx` are atomic adds of fp32 rows into a zeroed `(T, d)` fp32 buffer (k picks
-per token meet there), then cast to x's dtype. The order of the k fp32 additions is not fixed, so
-results may differ in the last bits from run to run; the weight gradients are deterministic with
-`SPLIT = 1` (one program per (expert, d-block, part)), and atomic between row shares when SPLIT > 1.
+Combine: `y` and `dx` come from k slot passes (`_slot_passes`; kernels.py): each token occurs once
+per pass, so rows are combined without atomics in a `(T, d)` fp32 running sum (y itself when x is
+fp32), and the last pass writes x's dtype. The k additions happen in slot order, so y and dx are
+deterministic. The weight gradients are deterministic with `SPLIT = 1` (one program per (expert,
+d-block, part)) and combine row shares with atomic adds when SPLIT > 1.
 """
 
 from __future__ import annotations
@@ -126,60 +129,82 @@ def _prec(dtype: torch.dtype) -> str:
         else "ieee"
 
 
-def _tiles(bounds: torch.Tensor, n: int, E: int, bm: int):
-    """tile_start/stop/expert `(cdiv(n, bm) + E,)`: expert e's run `bounds[e]:bounds[e+1]` cut into
-    tiles of at most bm positions, then empty padding tiles (a static count: no host sync)."""
-    counts = bounds[1:] - bounds[:-1]
-    tiles = (counts + bm - 1) // bm
-    last = torch.cumsum(tiles, 0)                              # tiles of experts <= e
-    t = torch.arange(triton.cdiv(n, bm) + E, device=bounds.device, dtype=bounds.dtype)
+def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int):
+    """tile_start/stop/expert `(k, cdiv(T, bm) + E)`: row j holds slot j's pass, expert e's run
+    `bounds[j*E+e]:bounds[j*E+e+1]` cut into tiles of at most bm positions, then empty padding tiles
+    (a static count per pass: no host sync)."""
+    lo, hi = bounds[:-1].view(k, E), bounds[1:].view(k, E)
+    tiles = (hi - lo + bm - 1) // bm
+    last = torch.cumsum(tiles, 1)                              # (k, E): tiles of experts <= e in slot j
+    t = torch.arange(triton.cdiv(T, bm) + E, device=bounds.device, dtype=bounds.dtype).expand(k, -1).contiguous()
     tile_expert = torch.searchsorted(last, t, right=True).clamp_(max=E - 1)
-    start = bounds[tile_expert] + (t - (last - tiles)[tile_expert]) * bm
-    valid = t < last[-1]
+    start = lo.gather(1, tile_expert) + (t - (last - tiles).gather(1, tile_expert)) * bm
+    valid = t < last[:, -1:]
     tile_start = torch.where(valid, start, 0)
-    tile_stop = torch.where(valid, torch.minimum(bounds[tile_expert + 1], start + bm), 0)
+    tile_stop = torch.where(valid, torch.minimum(hi.gather(1, tile_expert), start + bm), 0)
     return tile_start, tile_stop, tile_expert
 
 
 def _plan(expert_ids: torch.Tensor, E: int):
-    """order `(N,)` (sorted position -> flat index t*k+j) and bounds `(E+1,)`, on the device; checks
-    the id range with one small host transfer."""
+    """order `(N,)` (sorted position -> flat index t*k+j) and bounds `(k*E+1,)`: the assignments sorted
+    by (slot j, expert), so slot j's run of expert e is `bounds[j*E+e]:bounds[j*E+e+1]`, inside
+    `[j*T, (j+1)*T)`. On the device; checks the id range first with one small host transfer."""
+    k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    lo, hi = torch.stack([sorted_ids[0], sorted_ids[-1]]).tolist()
+    lo, hi = torch.stack(torch.aminmax(flat)).tolist()
     check_id_range(lo, hi, E)
-    bounds = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device, dtype=flat.dtype))
+    slot = torch.arange(k, device=flat.device, dtype=flat.dtype).repeat(expert_ids.shape[0])
+    keys, order = torch.sort(slot * E + flat, stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(k * E + 1, device=flat.device, dtype=flat.dtype))
     return order, bounds
+
+
+def _slot_passes(kernel, tables, acc: torch.Tensor, out: torch.Tensor, *, before: tuple, after: tuple, **meta) -> None:
+    """Launch `kernel` once per slot j (row j of the `(k, P)` tile tables), in order: FIRST/LAST mark
+    the first and the last pass; `acc` is the fp32 `(T, d)` running sum, `out` the result."""
+    k, tiles = tables[0].shape
+    for j in range(k):
+        _launch(kernel, (tiles,), *before, *(table[j] for table in tables), acc, out, *after,
+                FIRST=j == 0, LAST=j == k - 1, **meta)
+
+
+def _accumulator(out: torch.Tensor, k: int) -> torch.Tensor:
+    """The fp32 running sum of the slot passes: `out` itself when it is fp32 or k == 1 (never read)."""
+    return out if out.dtype == torch.float32 or k == 1 else torch.empty(out.shape, dtype=torch.float32,
+                                                                          device=out.device)
 
 
 @torch.library.custom_op("petl_tpr::moa_routed_fwd", mutates_args=())
 def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
-                   b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
-                   activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y `(T, d)` in x's dtype, h `(N, r)` fp32 sorted pre-activations, order `(N,)`, bounds `(E+1,)`.
-    All float inputs share one dtype (fp32, fp16 or bf16) and are contiguous."""
+                   b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, activation: str,
+                   save_h: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y `(T, d)` in x's dtype, h `(N, r)` fp32 sorted pre-activations (`(0, r)` unless `save_h`; the
+    backward needs them), order `(N,)`, bounds `(k*E+1,)`. All float inputs share one dtype (fp32,
+    fp16 or bf16) and are contiguous."""
     T, d = x.shape
     E, _, r = w_down.shape
+    k = expert_ids.shape[1]
     n = expert_ids.numel()
     cfg = blocks("fwd", d, r, x.dtype)
-    y = torch.zeros(T, d, dtype=torch.float32, device=x.device)
-    h = torch.empty(n, r, dtype=torch.float32, device=x.device)
+    h = torch.empty(n if save_h else 0, r, dtype=torch.float32, device=x.device)
     if n == 0:
-        return y.to(x.dtype), h, expert_ids.new_empty(0), expert_ids.new_zeros(E + 1)
+        return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1)
+    y = torch.empty_like(x)
     order, bounds = _plan(expert_ids, E)
-    tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, cfg.BM)
-    token = torch.div(order, expert_ids.shape[1], rounding_mode="floor")
+    tables = _tiles(bounds, T, k, E, cfg.BM)
+    token = torch.div(order, k, rounding_mode="floor")
     gs = gates.reshape(-1).index_select(0, order).contiguous()
-    _launch(routed_fwd_kernel, (tile_start.numel(),), x, w_down, b_down, w_up, b_up, gs, token, tile_start, tile_stop,
-            tile_expert, y, h, d, r, ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), **asdict(cfg))
-    return y.to(x.dtype), h, order, bounds
+    _slot_passes(routed_fwd_kernel, tables, _accumulator(y, k), y, before=(x, w_down, b_down, w_up, b_up, gs, token),
+                 after=(h if save_h else y, d, r), ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h,
+                 **asdict(cfg))
+    return y, h, order, bounds
 
 
 @moa_routed_fwd.register_fake
-def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation):
-    n, r, E = expert_ids.numel(), w_down.shape[2], w_down.shape[0]
-    return (x.new_empty(x.shape), x.new_empty(n, r, dtype=torch.float32), expert_ids.new_empty(n),
-            expert_ids.new_empty(E + 1))
+def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, save_h=True):
+    n, r, E, k = expert_ids.numel(), w_down.shape[2], w_down.shape[0], expert_ids.shape[1]
+    return (x.new_empty(x.shape), x.new_empty(n if save_h else 0, r, dtype=torch.float32), expert_ids.new_empty(n),
+            expert_ids.new_empty(k * E + 1))
 
 
 @torch.library.custom_op("petl_tpr::moa_routed_bwd", mutates_args=())
@@ -193,11 +218,14 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
     E, _, r = w_down.shape
     k = expert_ids.shape[1]
     n = expert_ids.numel()
+    if h.shape[0] != n:
+        raise RuntimeError("moa_routed_bwd needs the pre-activations: run moa_routed_fwd with save_h=True")
     f32 = dict(dtype=torch.float32, device=x.device)
-    dx, dgates = torch.zeros(T, d, **f32), torch.zeros(n, **f32)
+    dgates = torch.zeros(n, **f32)
     dwd, dbd = torch.zeros(E, d, r, **f32), torch.zeros(E, r, **f32)
     dwu, dbu = torch.zeros(E, r, d, **f32), torch.zeros(E, d, **f32)
     if n:
+        dx = torch.empty_like(x)
         dy = dy.contiguous()
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
@@ -206,16 +234,18 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
         dh = torch.empty(n, r, **f32)
         common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
         cfg = blocks("bwd_token", d, r, x.dtype)
-        tile_start, tile_stop, tile_expert = _tiles(bounds, n, E, cfg.BM)
-        _launch(routed_bwd_token_kernel, (tile_start.numel(),), dy, w_down, w_up, b_up, gs, token, order, h,
-                tile_start, tile_stop, tile_expert, dx, dgates, dh, d, r, **common, **asdict(cfg))
+        _slot_passes(routed_bwd_token_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(dx, k), dx,
+                     before=(dy, w_down, w_up, b_up, gs, token, order, h), after=(dgates, dh, d, r), **common,
+                     **asdict(cfg))
         cfg = blocks("bwd_weight", d, r, x.dtype)
         d_blocks = triton.cdiv(d, cfg.BD)
         split = _weight_split(n, E, d_blocks, cfg.BM, _sm_count(x.device))
         _launch(routed_bwd_weight_kernel, (E, d_blocks, 2 * split), x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu,
-                d, r, SPLIT=split, **common, **asdict(cfg))
+                d, r, E, k, SPLIT=split, **common, **asdict(cfg))
+    else:
+        dx = torch.zeros_like(x)
     out = x.dtype
-    return (dx.to(out), dgates.view(T, k).to(gates.dtype), dwd.to(w_down.dtype), dbd.to(out), dwu.to(w_up.dtype),
+    return (dx, dgates.view(T, k).to(gates.dtype), dwd.to(w_down.dtype), dbd.to(out), dwu.to(w_up.dtype),
             dbu.to(b_up.dtype))
 
 
@@ -227,7 +257,7 @@ def _(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds, activation
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert_ids, gates, w_down, b_down, w_up, b_up, activation = inputs
+    x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, *_save_h = inputs
     _, h, order, bounds = output
     ctx.save_for_backward(x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds)
     ctx.activation = activation
@@ -237,7 +267,7 @@ def _backward(ctx, dy, _dh, _dorder, _dbounds):
     x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds = ctx.saved_tensors
     dx, dgates, dwd, dbd, dwu, dbu = moa_routed_bwd(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds,
                                                     ctx.activation)
-    return dx, None, dgates, dwd, dbd, dwu, dbu, None
+    return dx, None, dgates, dwd, dbd, dwu, dbu, None, None
 
 
 moa_routed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -272,5 +302,6 @@ def routed_adapters_triton(x: torch.Tensor, expert_ids: torch.Tensor, gates: tor
     del dims
     dtype = _op_dtype(floats)
     args = [t.to(dtype).contiguous() for t in floats]
-    y, *_ = moa_routed_fwd(args[0], expert_ids.contiguous(), *args[1:], activation)
+    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in floats)   # only the backward reads h
+    y, *_ = moa_routed_fwd(args[0], expert_ids.contiguous(), *args[1:], activation, save_h)
     return y.to(x.dtype)
