@@ -51,8 +51,9 @@ def static_sweep(arch: int, shapes: list[str], dtypes: list[str], candidates: li
                 for config in candidates:
                     row = {"shape": shape, "dtype": dtype, "kernel": kernel, "config": config}
                     try:
-                        (stats,) = compile_report.kernel_stats(shape, dtype, arch=arch, overrides={kernel: config},
-                                                               kernels=(kernel,))
+                        passes = compile_report.kernel_stats(shape, dtype, arch=arch, overrides={kernel: config},
+                                                             kernels=(kernel,))
+                        stats = max(passes, key=lambda s: (s.spill_bytes, s.registers))   # the worst slot pass
                     except Exception as error:   # noqa: BLE001 - a candidate that does not compile is a result
                         row.update(fits=False, error=f"{type(error).__name__}: {str(error)[:200]}")
                     else:

@@ -89,25 +89,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> None:
+MODES = (("infer_ms", "infer"), ("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd_bwd"))
+
+
+def _run(fn: Callable, inputs: list[torch.Tensor], mode: str) -> None:
+    """infer: forward under no_grad (nothing saved for a backward); fwd: forward of a training step;
+    fwd_bwd: that and the backward."""
+    if mode == "infer":
+        with torch.no_grad():
+            fn(*inputs)
+        return
     y = fn(*inputs)
-    if backward:
+    if mode == "fwd_bwd":
         y.backward(torch.ones_like(y))
 
 
 def measure(impls: dict[str, Callable], inputs: list[torch.Tensor], *, repeats: int, warmup: int,
             device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Median and minimum ms of forward and forward+backward per implementation, interleaved across
-    repeats (the minimum is the better estimate when other processes share the machine)."""
-    times: dict[str, dict[str, list[float]]] = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in impls}
+    """Median and minimum ms of the inference forward, the training forward and forward+backward per
+    implementation, interleaved across repeats (the minimum is the better estimate when other
+    processes share the machine)."""
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key, _ in MODES} for name in impls}
     for rep in range(warmup + repeats):
         for name, fn in impls.items():
-            for key, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
+            for key, mode in MODES:
                 for t in inputs:
                     t.grad = None
                 _sync(device)
                 start = time.perf_counter()
-                _run(fn, inputs, backward)
+                _run(fn, inputs, mode)
                 _sync(device)
                 if rep >= warmup:
                     times[name][key].append((time.perf_counter() - start) * 1e3)
@@ -130,11 +140,13 @@ def case(T: int, d: int, r: int, E: int, k: int, device: torch.device, repeats: 
     ref = timings.get("reference")
     speedup = {name: {key: round(ref[key] / t[key], 3) for key in t} for name, t in timings.items()} if ref else {}
     nbytes = minimal_bytes(T, d, r, E, k, torch.finfo(dtype).bits // 8)
-    bandwidth = {name: round(nbytes / (t["fwd_ms"] * 1e-3) / 1e9, 2) for name, t in timings.items() if t["fwd_ms"] > 0}
-    roofline = {name: round(100 * gbs / peak_gbs, 1) for name, gbs in bandwidth.items()} if peak_gbs else None
+    bandwidth = {key: {name: round(nbytes / (t[key] * 1e-3) / 1e9, 2) for name, t in timings.items() if t[key] > 0}
+                 for key in ("infer_ms", "fwd_ms")}
+    roofline = {key: {name: round(100 * gbs / peak_gbs, 1) for name, gbs in entry.items()}
+                for key, entry in bandwidth.items()} if peak_gbs else None
     return {"T": T, "d": d, "r": r, "E": E, "k": k, "ms": timings, "min_ms": best, "speedup_vs_reference": speedup,
             "max_abs_diff_vs_reference": errors, "skipped": sorted(set(IMPLEMENTATIONS) - set(impls)),
-            "minimal_bytes": nbytes, "fwd_bandwidth_gbs": bandwidth, "fwd_roofline_percent": roofline}
+            "minimal_bytes": nbytes, "bandwidth_gbs": bandwidth, "roofline_percent": roofline}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -145,7 +157,7 @@ def plot(results: dict, path: Path) -> None:
     names = list(IMPLEMENTATIONS)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     ax = axes[0]
-    groups = [(shape, key) for shape in results["shapes"] for key in ("fwd_ms", "fwd_bwd_ms")]
+    groups = [(shape, key) for shape in results["shapes"] for key, _ in MODES]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [results["shapes"][shape]["ms"].get(name, {}).get(key, 0.0) for shape, key in groups]
@@ -207,8 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "benchmark": "moa_routing", "quick": args.quick, "repeats": repeats, "warmup": warmup,
-        "timing": ("ms: median, min_ms: minimum over the repeats; fwd = forward with grad-requiring inputs, "
-                   "fwd_bwd = forward + backward of y.sum()"),
+        "timing": ("ms: median, min_ms: minimum over the repeats; infer = forward under no_grad, fwd = forward "
+                   "with grad-requiring inputs, fwd_bwd = forward + backward of y.sum(); bandwidth_gbs and "
+                   "roofline_percent: minimal_bytes / time of infer and fwd"),
         "machine": info, "batch": args.batch, "dtype": args.dtype, "peak_bandwidth_gbs": peak,
         "shapes": {name: run(s["T"], s["d"], s["r"], EXPERTS) for name, s in table.items()},
         "e_sweep": [run(table["vision"]["T"], 768, 96, E) for E in e_sweep],

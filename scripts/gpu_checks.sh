@@ -30,10 +30,7 @@ step() {   # step NAME SECONDS CMD...
 step device 60 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton.py
 step block-sweep 150 "$PY" benchmarks/moa_block_sweep.py --device cuda --out "$out"
+# writes moa_routing_cuda_b128_bfloat16.{json,png} and moa_routing_cuda_b128_float32.{json,png}
 step routing-bf16 100 "$PY" benchmarks/moa_routing.py --device cuda --batch 128 --dtype bfloat16 --out "$out"
-mv -f "$out/moa_routing_cuda.json" "$out/moa_routing_cuda_bf16.json" 2>/dev/null
-mv -f "$out/moa_routing_cuda.png" "$out/moa_routing_cuda_bf16.png" 2>/dev/null
 step routing-fp32 100 "$PY" benchmarks/moa_routing.py --device cuda --batch 128 --dtype float32 --out "$out"
-mv -f "$out/moa_routing_cuda.json" "$out/moa_routing_cuda_fp32.json" 2>/dev/null
-mv -f "$out/moa_routing_cuda.png" "$out/moa_routing_cuda_fp32.png" 2>/dev/null
 ls -la "$out" | tee -a "$log"

@@ -45,8 +45,9 @@ def test_cli_bench_runs_the_routing_benchmark(tmp_path):
     assert main(["bench", "moa", "--quick", "--no-plot", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "moa_routing_cpu.json").read_text())
     vision = data["shapes"]["vision"]
-    assert vision["fwd_roofline_percent"] is None          # no peak bandwidth known for a CPU
-    assert set(vision["fwd_bandwidth_gbs"]) >= {"reference", "torch"}
+    assert vision["roofline_percent"] is None          # no peak bandwidth known for a CPU
+    assert set(vision["bandwidth_gbs"]) == {"infer_ms", "fwd_ms"}
+    assert all(set(entry) >= {"reference", "torch"} for entry in vision["bandwidth_gbs"].values())
 
 
 def test_routing_minimal_bytes_and_peak_lookup():

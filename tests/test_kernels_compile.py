@@ -20,13 +20,18 @@ H100 = compile_report.ARCHS[90]
 
 
 def _check_hopper_ready(rows, dtype):
-    assert [row.kernel for row in rows] == ["routed_fwd_kernel", "routed_bwd_token_kernel", "routed_bwd_weight_kernel"]
+    assert [(row.kernel, row.variant) for row in rows] == [
+        ("routed_fwd_kernel", "first"), ("routed_fwd_kernel", "last"), ("routed_bwd_token_kernel", "first"),
+        ("routed_bwd_token_kernel", "last"), ("routed_bwd_weight_kernel", "")]      # k = 2 slot passes
     for row in rows:
-        where = f"{row.kernel} {row.shape} {row.dtype}"
+        where = f"{row.kernel} {row.variant} {row.shape} {row.dtype}"
         assert row.spill_bytes == 0 and row.stack_bytes == 0, f"{where} spills: {row}"
         assert 0 < row.shared_bytes <= H100.shared_per_block, where
         assert row.blocks_per_sm >= 1 and row.waves > 0, where
-        assert row.atomics and all(".relaxed." in name for name in row.atomics), f"{where}: {row.atomics}"
+        if row.kernel == "routed_bwd_weight_kernel":   # row shares combine atomically, relaxed
+            assert row.atomics and all(".relaxed." in name for name in row.atomics), f"{where}: {row.atomics}"
+        else:                                          # slot passes own their rows: plain loads and stores
+            assert not row.atomics, f"{where}: {row.atomics}"
         if dtype != "float32":
             operands = {"float16": ".f16.f16", "bfloat16": ".bf16.bf16"}[dtype]
             assert row.tensor_core and all(name.startswith("wgmma.mma_async") and name.endswith(operands)
@@ -55,9 +60,9 @@ def test_fp32_follows_torch_tf32_flag():
     saved = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        (ieee,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+        ieee, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
         matmul.allow_tf32 = True
-        (tf32,) = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+        tf32, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
     finally:
         matmul.allow_tf32 = saved
     assert ieee.tensor_core == {} and ieee.spill_bytes == 0
@@ -66,12 +71,15 @@ def test_fp32_follows_torch_tf32_flag():
 
 def test_recorded_launches_are_the_launchers():
     """Grids and constants recorded on the CPU are those of launch.py's plan at that shape."""
-    T, d, r, E, k = 500, 96, 20, 5, 2
-    fwd, token, weight = compile_report.record_launches(T, d, r, E, k, torch.bfloat16, "gelu", sms=132)
+    T, d, r, E, k = 500, 96, 20, 5, 3
+    *passes, weight = compile_report.record_launches(T, d, r, E, k, torch.bfloat16, "gelu", sms=132)
     cfg = launch.blocks("fwd", d, r, torch.bfloat16)
     n = T * k
-    assert fwd.kernel is launch.routed_fwd_kernel and fwd.grid == (triton.cdiv(n, cfg.BM) + E,)
-    assert token.kernel is launch.routed_bwd_token_kernel and token.grid == fwd.grid
+    kernels = [launch.routed_fwd_kernel] * k + [launch.routed_bwd_token_kernel] * k
+    assert [rec.kernel for rec in passes] == kernels
+    assert [compile_report.pass_name(rec.meta) for rec in passes] == ["first", "middle", "last"] * 2
+    assert all(rec.grid == (triton.cdiv(T, cfg.BM) + E,) for rec in passes)    # one pass per slot: T rows
+    fwd = passes[0]
     split = launch._weight_split(n, E, triton.cdiv(d, cfg.BD), cfg.BM, 132)
     assert weight.kernel is launch.routed_bwd_weight_kernel and weight.grid == (E, triton.cdiv(d, cfg.BD), 2 * split)
     assert fwd.meta["ACT"] == 1 and fwd.meta["BR"] == 32 and fwd.meta["DOT"] == triton.language.bfloat16
@@ -79,10 +87,10 @@ def test_recorded_launches_are_the_launchers():
 
 
 def test_overrides_reach_the_compiled_kernel():
-    (small,) = compile_report.kernel_stats("text", "bfloat16", arch=90, kernels=("fwd",),
+    small, _ = compile_report.kernel_stats("text", "bfloat16", arch=90, kernels=("fwd",),
                                            overrides={"fwd": {"BM": 32, "BD": 32, "num_warps": 8}})
     assert small.num_warps == 8 and small.constants["BM"] == "32" and small.constants["BD"] == "32"
-    assert small.grid == [triton.cdiv(128 * 77 * 2, 32) + 6]
+    assert small.grid == [triton.cdiv(128 * 77, 32) + 6]
 
 
 def test_block_overrides_are_checked_and_restored():

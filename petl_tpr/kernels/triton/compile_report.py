@@ -79,6 +79,7 @@ class KernelStats:
     """What ptxas made of one kernel at one shape and dtype (see the module docstring)."""
 
     kernel: str
+    variant: str                     # the slot pass of fwd / bwd_token ("first", "middle", "last", "only"); "" else
     shape: str
     dtype: str
     activation: str
@@ -114,8 +115,8 @@ def make_inputs(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, seed
 
 def record_launches(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, activation: str = "relu",
                     sms: int = 132, overrides: dict | None = None) -> list[Launch]:
-    """The forward, token-backward and weight-backward launches a CUDA device with `sms` SMs would make
-    (with `launch.block_overrides(**overrides)` in force, if given)."""
+    """The forward (k slot passes), token-backward (k slot passes) and weight-backward launches a CUDA
+    device with `sms` SMs would make (with `launch.block_overrides(**overrides)` in force, if given)."""
     if launch.interpreting():
         raise RuntimeError("compile_report needs triton imported without TRITON_INTERPRET (the interpreter "
                            "replaces the JIT functions and uses interpreter block sizes)")
@@ -127,7 +128,7 @@ def record_launches(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, 
     x, ids, gates, w_down, b_down, w_up, b_up = make_inputs(T, d, r, E, k, dtype)
     with mock.patch.object(launch, "_launch", record), mock.patch.object(launch, "_sm_count", lambda device: sms), \
             launch.block_overrides(**(overrides or {})):
-        _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, activation)
+        _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, activation, True)
         launch.moa_routed_bwd(torch.randn_like(x), x, ids, gates, w_down, w_up, b_up, h, order, bounds, activation)
     return recorded
 
@@ -205,6 +206,14 @@ def ptx_counts(ptx: str) -> tuple[dict, dict, dict]:
     return dict(tensor), {str(k): v for k, v in sorted(loads.items())}, dict(atomics)
 
 
+def pass_name(meta: dict) -> str:
+    """Which slot pass a launch is, from its FIRST/LAST flags ("" for the weight kernel)."""
+    if "FIRST" not in meta:
+        return ""
+    return {(True, True): "only", (True, False): "first", (False, True): "last"}.get(
+        (bool(meta["FIRST"]), bool(meta["LAST"])), "middle")
+
+
 def occupancy(arch: Arch, registers: int, shared: int, warps: int) -> tuple[int, str]:
     """Resident blocks per SM and what limits them."""
     per_warp = math.ceil(registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
@@ -235,8 +244,10 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
     rows = []
     recorded = record_launches(**SHAPES[shape], dtype=DTYPES[dtype], activation=activation, sms=limits.sms,
                                overrides=overrides)
-    for name, rec in zip(launch.KERNELS, recorded):
-        if name not in kernels:
+    names = {launch.routed_fwd_kernel: "fwd", launch.routed_bwd_token_kernel: "bwd_token",
+             launch.routed_bwd_weight_kernel: "bwd_weight"}
+    for rec in recorded:
+        if names[rec.kernel] not in kernels:
             continue
         compiled, seconds = compile_launch(rec, arch)
         res = ptxas_usage(compiled.asm["ptx"], arch)
@@ -247,7 +258,7 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
         constants = {key: str(value) for key, value in rec.meta.items()}
         programs = math.prod(rec.grid)
         rows.append(KernelStats(
-            kernel=rec.kernel.fn.__name__, shape=shape, dtype=dtype, activation=activation, arch=arch,
+            kernel=rec.kernel.fn.__name__, variant=pass_name(rec.meta), shape=shape, dtype=dtype, activation=activation, arch=arch,
             constants=constants, grid=list(rec.grid), num_warps=warps, num_stages=stages, registers=res["registers"],
             spill_bytes=res["spill_stores"], spill_load_bytes=res["spill_loads"], stack_bytes=res["stack"],
             shared_bytes=shared, blocks_per_sm=blocks, limited_by=limiter, occupancy=round(blocks * warps / limits.warps, 4),
@@ -272,13 +283,13 @@ def report(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), activations=("relu",), ar
 def format_table(result: dict) -> str:
     """One line per kernel: registers, spills, shared KB, warps, occupancy, waves, tensor cores, 16-B loads."""
     lines = [f"sm_{result['arch']} ({result['part']}), triton {result['triton']}",
-             f"{'kernel':26} {'shape':6} {'dtype':8} {'act':4} {'regs':>4} {'spill':>5} {'smemKB':>6} {'warps':>5} "
+             f"{'kernel':26} {'pass':6} {'shape':6} {'dtype':8} {'act':4} {'regs':>4} {'spill':>5} {'smemKB':>6} {'warps':>5} "
              f"{'blk/SM':>6} {'occ':>5} {'waves':>6} {'tensor-core':>11} {'16B-loads':>9} atomics"]
     for row in result["kernels"]:
         tensor = sum(row["tensor_core"].values())
         wide = row["loads_by_bytes"].get("16", 0)
         atomics = ",".join(sorted(row["atomics"]))
-        lines.append(f"{row['kernel']:26} {row['shape']:6} {row['dtype']:8} {row['activation']:4} {row['registers']:4d} "
+        lines.append(f"{row['kernel']:26} {row['variant']:6} {row['shape']:6} {row['dtype']:8} {row['activation']:4} {row['registers']:4d} "
                      f"{row['spill_bytes']:5d} {row['shared_bytes'] / 1024:6.1f} {row['num_warps']:5d} "
                      f"{row['blocks_per_sm']:6d} {row['occupancy']:5.2f} {row['waves']:6.2f} {tensor:11d} "
                      f"{wide:9d} {atomics}")

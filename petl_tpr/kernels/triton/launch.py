@@ -70,13 +70,14 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     Chosen so that none of the kernels spills registers on sm_90 at DM-Adapter's shapes in fp32,
     fp16 and bf16, relu and gelu (`compile_report`, tests/test_kernels_compile.py): the backward
     kernels hold two (BM, BR)-sized fp32 tiles at once and get 8 warps; fp32 dots (FMA or TF32)
-    take 8 warps and BD = 32."""
+    take 8 warps and BD = 32, and the fp32 weight kernel BM = 32 (its slot loop spilled 32 B at
+    the text shape with relu at BM = 64)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
     half = dtype in HALF_DTYPES
     bd = max(16, min(64 if br <= 128 and half else 32, triton.next_power_of_2(d)))
-    bm = 16 if interpreting() else (64 if br <= 128 else 32)
+    bm = 16 if interpreting() else (64 if br <= 128 and (half or kernel != "bwd_weight") else 32)
     warps = 4 if half and kernel == "fwd" else 8
     cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps), **_OVERRIDES.get(kernel, {}))
     sizes = (cfg.BM, cfg.BR, cfg.BD)
