@@ -7,6 +7,8 @@ within the limit, Hopper tensor cores, 16-byte gathers, relaxed atomics) without
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -69,10 +71,18 @@ def test_fp32_follows_torch_tf32_flag():
     assert tf32.tensor_core and all(".tf32.tf32" in name for name in tf32.tensor_core), tf32.tensor_core
 
 
+def test_tile_table_kernel_compiles_for_sm90():
+    rows = compile_report.kernel_stats("vision", "bfloat16", arch=90, kernels=("plan",))
+    assert [row.kernel for row in rows] == ["routed_tiles_kernel"] * 2          # before the forward, the backward
+    assert all(row.spill_bytes == 0 and row.grid == [2] and not row.atomics for row in rows), rows
+
+
 def test_recorded_launches_are_the_launchers():
     """Grids and constants recorded on the CPU are those of launch.py's plan at that shape."""
     T, d, r, E, k = 500, 96, 20, 5, 3
-    *passes, weight = compile_report.record_launches(T, d, r, E, k, torch.bfloat16, "gelu", sms=132)
+    launches = [rec for rec in compile_report.record_launches(T, d, r, E, k, torch.bfloat16, "gelu", sms=132)
+                if rec.kernel is not launch.routed_tiles_kernel]
+    *passes, weight = launches
     cfg = launch.blocks("fwd", d, r, torch.bfloat16)
     n = T * k
     kernels = [launch.routed_fwd_kernel] * k + [launch.routed_bwd_token_kernel] * k
@@ -146,3 +156,60 @@ def test_static_block_sweep_writes_json_and_plot(tmp_path):
     assert rows == result["rows"] and len(rows) == 3 * len(moa_block_sweep.QUICK)
     assert all(row["fits"] and row["registers"] > 0 for row in rows)   # the quick candidates do not spill
     assert (tmp_path / "moa_block_sweep_static_sm90.png").stat().st_size > 0
+
+
+# ---- device work per call: what the launcher issues besides the kernels -------------------------------------
+
+ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided"}   # no kernel: the caching allocator
+VIEWS = {"view", "_unsafe_view", "reshape", "expand", "select", "slice", "alias", "t", "transpose", "unsqueeze",
+         "squeeze", "detach", "as_strided", "split", "unbind", "permute", "split_with_sizes"}
+
+
+def _device_work(dtype: torch.dtype) -> tuple[Counter, Counter, list, list]:
+    """ATen ops (bar views and allocations) and Triton launches of one forward and one backward of the
+    launcher at a small shape, on CPU tensors with the kernel launches recorded, not run."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in VIEWS | ALLOCATIONS:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    x, ids, gates, w_down, b_down, w_up, b_up = compile_report.make_inputs(300, 64, 16, 6, 2, dtype)
+    dy = torch.ones_like(x)
+    launches = {"fwd": [], "bwd": []}
+    counts = {}
+    for phase in ("fwd", "bwd"):
+        record = lambda kernel, grid, *a, phase=phase, **m: launches[phase].append(kernel.fn.__name__)  # noqa: E731
+        with mock.patch.object(launch, "_launch", record), Count() as counter:
+            if phase == "fwd":
+                _, h, order, bounds = launch.moa_routed_fwd._init_fn(x, ids, gates, w_down, b_down, w_up, b_up,
+                                                                     "relu", True)
+            else:
+                launch.moa_routed_bwd._init_fn(dy, x, ids, gates, w_down, w_up, b_up, h, order,
+                                               bounds, "relu")
+        counts[phase] = counter.ops
+    return counts["fwd"], counts["bwd"], launches["fwd"], launches["bwd"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_launcher_issues_few_small_ops(dtype):
+    """Each small op is a kernel launch on a GPU (~5 us of CPU time), which at batch-128 shapes costs as
+    much as the fused kernels themselves: the plan is one sort, one searchsorted and one Triton kernel
+    for the tile tables; the gates and token ids are read through `order` inside the kernels."""
+    fwd_ops, bwd_ops, fwd_launches, bwd_launches = _device_work(dtype)
+    assert fwd_launches == ["routed_tiles_kernel", "routed_fwd_kernel", "routed_fwd_kernel"]
+    assert bwd_launches == ["routed_tiles_kernel", "routed_bwd_token_kernel", "routed_bwd_token_kernel",
+                            "routed_bwd_weight_kernel"]
+    assert fwd_ops["sort"] == 1 and fwd_ops["searchsorted"] == 1
+    assert sum(fwd_ops.values()) <= 7, fwd_ops          # aminmax, stack (+ the id check's copy), arange x2, add, ...
+    casts = 5 if dtype == torch.bfloat16 else 0            # fp32 weight-gradient buffers back to the weights' dtype
+    assert sum(bwd_ops.values()) <= 4 + casts, bwd_ops     # the four zeroed weight-gradient buffers

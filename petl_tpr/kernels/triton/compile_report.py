@@ -238,14 +238,15 @@ def compile_launch(rec: Launch, arch: int = 90) -> tuple[object, float]:
 
 def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 90, overrides: dict | None = None,
                  kernels: tuple[str, ...] = launch.KERNELS) -> list[KernelStats]:
-    """Compile the kernels (names from `launch.KERNELS`) as launched at `SHAPES[shape]` in `dtype`, with
-    `overrides` for `launch.block_overrides`; one KernelStats each."""
+    """Compile the kernels (names from `launch.KERNELS`, or "plan" for the tile-table kernel, launched
+    once before the forward and once before the token backward) as launched at `SHAPES[shape]` in
+    `dtype`, with `overrides` for `launch.block_overrides`; one KernelStats each."""
     limits = ARCHS[arch]
     rows = []
     recorded = record_launches(**SHAPES[shape], dtype=DTYPES[dtype], activation=activation, sms=limits.sms,
                                overrides=overrides)
     names = {launch.routed_fwd_kernel: "fwd", launch.routed_bwd_token_kernel: "bwd_token",
-             launch.routed_bwd_weight_kernel: "bwd_weight"}
+             launch.routed_bwd_weight_kernel: "bwd_weight", launch.routed_tiles_kernel: "plan"}
     for rec in recorded:
         if names[rec.kernel] not in kernels:
             continue

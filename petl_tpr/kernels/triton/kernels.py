@@ -48,21 +48,23 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
+def _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, order_ptr, gates_ptr, n_slots, r,
                BM: tl.constexpr, BR: tl.constexpr):
-    """This program's tile: expert e, sorted positions `pos (BM,)` with their mask, token ids, fp32
-    gates, and the bottleneck offsets `offr (BR,)` with their mask."""
+    """This program's tile: expert e, sorted positions `pos (BM,)` with their mask, flat assignment
+    indices `t*k + j` (from `order`), token ids, fp32 gates (from the flat `(T*k,)` gates), and the
+    bottleneck offsets `offr (BR,)` with their mask."""
     pid = tl.program_id(0)
     start = tl.load(tile_start_ptr + pid)
     stop = tl.load(tile_stop_ptr + pid)
     e = tl.load(tile_expert_ptr + pid).to(tl.int64)
     pos = start + tl.arange(0, BM).to(tl.int64)
     mrow = pos < stop
-    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
-    g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+    flat = tl.load(order_ptr + pos, mask=mrow, other=0)
+    tok = flat // n_slots
+    g = tl.load(gates_ptr + flat, mask=mrow, other=0.0).to(tl.float32)
     offr = tl.arange(0, BR)
     mr = offr < r
-    return e, pos, mrow, tok, g, offr, mr
+    return e, pos, mrow, flat, tok, g, offr, mr
 
 
 @triton.jit
@@ -79,16 +81,16 @@ def _combine(acc_ptr, out_ptr, offs, mask, part, FIRST: tl.constexpr, LAST: tl.c
 
 
 @triton.jit
-def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
-                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, acc_ptr, y_ptr, h_ptr, d, r,
+def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr,
+                      tile_start_ptr, tile_stop_ptr, tile_expert_ptr, acc_ptr, y_ptr, h_ptr, d, r, n_slots,
                       ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
                       DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                       STORE_H: tl.constexpr):
     """One tile of one expert in one slot pass: gather x rows, down-projection, bias, activation
     (pre-activation stored to `h (N, r)` fp32 when STORE_H), gate, up-projection + gated up-bias,
     combined into row `tok` of `acc (T, d)` fp32 / `y (T, d)` (`_combine`)."""
-    e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
-                                                BM, BR)
+    e, pos, mrow, flat, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, order_ptr,
+                                                      gates_ptr, n_slots, r, BM, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, d, BD):
         offk = k0 + tl.arange(0, BD)
@@ -112,16 +114,16 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr,
 
 
 @triton.jit
-def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, order_ptr, h_ptr,
+def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr, h_ptr,
                             tile_start_ptr, tile_stop_ptr, tile_expert_ptr, acc_ptr, dx_ptr, dgates_ptr, dh_ptr,
-                            d, r, ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                            d, r, n_slots, ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
                             DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
     """One tile of one expert in one slot pass: `P = dy_rows W_up^T`, dgate = <act(h), P> +
     <dy_rows, b_up> (stored at the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)`
     fp32 for the weight kernel), `dH W_down^T` combined into row `tok` of `acc (T, d)` fp32 /
     `dx (T, d)` (`_combine`)."""
-    e, pos, mrow, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, tok_ptr, gs_ptr, r,
-                                                BM, BR)
+    e, pos, mrow, flat, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, order_ptr,
+                                                      gates_ptr, n_slots, r, BM, BR)
     p = tl.zeros((BM, BR), dtype=tl.float32)
     bias_dot = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, d, BD):
@@ -135,7 +137,6 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
     hmask = mrow[:, None] & mr[None, :]
     h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
     dg = tl.sum(_act(h, ACT) * p, axis=1) + bias_dot
-    flat = tl.load(order_ptr + pos, mask=mrow, other=0)
     tl.store(dgates_ptr + flat, dg, mask=mrow)
     dh = _act_grad(h, ACT) * g[:, None] * p
     tl.store(dh_ptr + pos[:, None] * r + offr[None, :], dh, mask=hmask)
@@ -149,12 +150,13 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gs_ptr, tok_ptr, ord
 
 
 @triton.jit
-def _share_rows(tok_ptr, m0, hi, BM: tl.constexpr):
-    """Sorted positions `pos (BM,)` from m0, their mask (< hi) and token ids, for the weight kernel."""
+def _share_rows(order_ptr, n_slots, m0, hi, BM: tl.constexpr):
+    """Sorted positions `pos (BM,)` from m0, their mask (< hi), flat assignment indices and token ids,
+    for the weight kernel."""
     pos = m0 + tl.arange(0, BM).to(tl.int64)
     mrow = pos < hi
-    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
-    return pos, mrow, tok
+    flat = tl.load(order_ptr + pos, mask=mrow, other=0)
+    return pos, mrow, flat, flat // n_slots
 
 
 @triton.jit
@@ -168,7 +170,7 @@ def _share(bounds_ptr, j, E, e, sp, SPLIT: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, bounds_ptr,
+def routed_bwd_weight_kernel(x_ptr, dy_ptr, gates_ptr, order_ptr, h_ptr, dh_ptr, bounds_ptr,
                              dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, d, r, E, n_slots,
                              ACT: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                              BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
@@ -192,7 +194,7 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
         for j in range(0, n_slots):
             lo, hi = _share(bounds_ptr, j, E, e, sp, SPLIT, BM)
             for m0 in range(lo, hi, BM):
-                pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
+                pos, mrow, flat, tok = _share_rows(order_ptr, n_slots, m0, hi, BM)
                 xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
                 dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
                 acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
@@ -207,8 +209,8 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
         for j in range(0, n_slots):
             lo, hi = _share(bounds_ptr, j, E, e, sp, SPLIT, BM)
             for m0 in range(lo, hi, BM):
-                pos, mrow, tok = _share_rows(tok_ptr, m0, hi, BM)
-                g = tl.load(gs_ptr + pos, mask=mrow, other=0.0).to(tl.float32)
+                pos, mrow, flat, tok = _share_rows(order_ptr, n_slots, m0, hi, BM)
+                g = tl.load(gates_ptr + flat, mask=mrow, other=0.0).to(tl.float32)
                 dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
                 h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
                 ga = _act(h, ACT) * g[:, None]
@@ -217,3 +219,35 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gs_ptr, tok_ptr, h_ptr, dh_ptr, boun
         tl.atomic_add(dwu_ptr + e * r * d + offr[:, None] * d + offk[None, :], acc_wu,
                       mask=mr[:, None] & mk[None, :], sem="relaxed")
         tl.atomic_add(dbu_ptr + e * d + offk, acc_bu, mask=mk, sem="relaxed")
+
+
+@triton.jit
+def routed_tiles_kernel(bounds_ptr, tiles_ptr, E, P, BM: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+    """Program j builds slot j's tile table in `tiles (3, k, P)` (rows start, stop, expert): expert e's
+    run `bounds[j*E+e]:bounds[j*E+e+1]` cut into tiles of at most BM sorted positions, experts in
+    order, then empty padding tiles (start = stop = 0, expert E-1) up to the static count P."""
+    j = tl.program_id(0)
+    k = tl.num_programs(0)
+    offe = tl.arange(0, BLOCK_E)
+    me = offe < E
+    lo = tl.load(bounds_ptr + j * E + offe, mask=me, other=0)
+    hi = tl.load(bounds_ptr + j * E + offe + 1, mask=me, other=0)
+    tiles = (hi - lo + BM - 1) // BM                        # 0 past E
+    last = tl.cumsum(tiles, axis=0)                          # tiles of experts <= e
+    first = last - tiles
+    total = tl.sum(tiles, axis=0)
+    for t0 in range(0, P, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mt = t < P
+        # the tile's expert: how many experts' tiles all come before t (past E, last = total: only
+        # padding tiles count those, and they clamp to E-1)
+        expert = tl.minimum(tl.sum((last[None, :] <= t[:, None]).to(tl.int64), axis=1), E - 1)
+        sel = expert[:, None] == offe[None, :]               # one-hot (BLOCK_T, BLOCK_E): per-tile lookups
+        lo_t = tl.sum(tl.where(sel, lo[None, :], 0), axis=1)
+        start = lo_t + (t - tl.sum(tl.where(sel, first[None, :], 0), axis=1)) * BM
+        stop = tl.minimum(tl.sum(tl.where(sel, hi[None, :], 0), axis=1), start + BM)
+        valid = t < total
+        tl.store(tiles_ptr + j * P + t, tl.where(valid, start, 0), mask=mt)
+        tl.store(tiles_ptr + (k + j) * P + t, tl.where(valid, stop, 0), mask=mt)
+        tl.store(tiles_ptr + (2 * k + j) * P + t, expert, mask=mt)

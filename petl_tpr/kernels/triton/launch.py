@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..checks import HALF_DTYPES, RoutingError, check_id_range, check_inputs, compute_dtype
 from ..torch_fast import routed_adapters_torch
-from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel
+from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel, routed_tiles_kernel
 
 ACTS = {"relu": 0, "gelu": 1}
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -130,20 +130,16 @@ def _prec(dtype: torch.dtype) -> str:
         else "ieee"
 
 
-def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int):
-    """tile_start/stop/expert `(k, cdiv(T, bm) + E)`: row j holds slot j's pass, expert e's run
+def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int) -> torch.Tensor:
+    """tile_start/stop/expert as `(3, k, cdiv(T, bm) + E)`: row j holds slot j's pass, expert e's run
     `bounds[j*E+e]:bounds[j*E+e+1]` cut into tiles of at most bm positions, then empty padding tiles
-    (a static count per pass: no host sync)."""
-    lo, hi = bounds[:-1].view(k, E), bounds[1:].view(k, E)
-    tiles = (hi - lo + bm - 1) // bm
-    last = torch.cumsum(tiles, 1)                              # (k, E): tiles of experts <= e in slot j
-    t = torch.arange(triton.cdiv(T, bm) + E, device=bounds.device, dtype=bounds.dtype).expand(k, -1).contiguous()
-    tile_expert = torch.searchsorted(last, t, right=True).clamp_(max=E - 1)
-    start = lo.gather(1, tile_expert) + (t - (last - tiles).gather(1, tile_expert)) * bm
-    valid = t < last[:, -1:]
-    tile_start = torch.where(valid, start, 0)
-    tile_stop = torch.where(valid, torch.minimum(hi.gather(1, tile_expert), start + bm), 0)
-    return tile_start, tile_stop, tile_expert
+    (a static count per pass: no host sync). One launch of `routed_tiles_kernel`."""
+    tiles = triton.cdiv(T, bm) + E
+    out = torch.empty(3, k, tiles, dtype=bounds.dtype, device=bounds.device)
+    block_e = max(2, triton.next_power_of_2(E))
+    _launch(routed_tiles_kernel, (k,), bounds, out, E, tiles, BM=bm, BLOCK_E=block_e,
+            BLOCK_T=max(2, min(256, 8192 // block_e)))
+    return out
 
 
 def _plan(expert_ids: torch.Tensor, E: int):
@@ -151,22 +147,20 @@ def _plan(expert_ids: torch.Tensor, E: int):
     by (slot j, expert), so slot j's run of expert e is `bounds[j*E+e]:bounds[j*E+e+1]`, inside
     `[j*T, (j+1)*T)`. On the device; checks the id range first with one small host transfer."""
     k = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1)
-    lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+    lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()
     check_id_range(lo, hi, E)
-    slot = torch.arange(k, device=flat.device, dtype=flat.dtype).repeat(expert_ids.shape[0])
-    keys, order = torch.sort(slot * E + flat, stable=True)
-    bounds = torch.searchsorted(keys, torch.arange(k * E + 1, device=flat.device, dtype=flat.dtype))
+    keys = expert_ids + torch.arange(0, k * E, E, device=expert_ids.device, dtype=expert_ids.dtype)   # (T, k)
+    keys, order = torch.sort(keys.reshape(-1), stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(k * E + 1, device=keys.device, dtype=keys.dtype))
     return order, bounds
 
 
-def _slot_passes(kernel, tables, acc: torch.Tensor, out: torch.Tensor, *, before: tuple, after: tuple, **meta) -> None:
-    """Launch `kernel` once per slot j (row j of the `(k, P)` tile tables), in order: FIRST/LAST mark
+def _slot_passes(kernel, tables: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, *, before: tuple, after: tuple, **meta) -> None:
+    """Launch `kernel` once per slot j (column j of the `(3, k, P)` tile tables), in order: FIRST/LAST mark
     the first and the last pass; `acc` is the fp32 `(T, d)` running sum, `out` the result."""
-    k, tiles = tables[0].shape
+    _, k, tiles = tables.shape
     for j in range(k):
-        _launch(kernel, (tiles,), *before, *(table[j] for table in tables), acc, out, *after,
-                FIRST=j == 0, LAST=j == k - 1, **meta)
+        _launch(kernel, (tiles,), *before, *tables[:, j], acc, out, *after, FIRST=j == 0, LAST=j == k - 1, **meta)
 
 
 def _accumulator(out: torch.Tensor, k: int) -> torch.Tensor:
@@ -192,11 +186,8 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
         return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1)
     y = torch.empty_like(x)
     order, bounds = _plan(expert_ids, E)
-    tables = _tiles(bounds, T, k, E, cfg.BM)
-    token = torch.div(order, k, rounding_mode="floor")
-    gs = gates.reshape(-1).index_select(0, order).contiguous()
-    _slot_passes(routed_fwd_kernel, tables, _accumulator(y, k), y, before=(x, w_down, b_down, w_up, b_up, gs, token),
-                 after=(h if save_h else y, d, r), ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h,
+    _slot_passes(routed_fwd_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(y, k), y,
+                 before=(x, w_down, b_down, w_up, b_up, gates, order), after=(h if save_h else y, d, r, k), ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h,
                  **asdict(cfg))
     return y, h, order, bounds
 
@@ -222,32 +213,29 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
     if h.shape[0] != n:
         raise RuntimeError("moa_routed_bwd needs the pre-activations: run moa_routed_fwd with save_h=True")
     f32 = dict(dtype=torch.float32, device=x.device)
-    dgates = torch.zeros(n, **f32)
-    dwd, dbd = torch.zeros(E, d, r, **f32), torch.zeros(E, r, **f32)
+    dwd, dbd = torch.zeros(E, d, r, **f32), torch.zeros(E, r, **f32)   # separate: custom-op outputs may not alias
     dwu, dbu = torch.zeros(E, r, d, **f32), torch.zeros(E, d, **f32)
+    dgates = torch.empty(n, **f32)                            # every assignment's gate gradient is stored
     if n:
         dx = torch.empty_like(x)
         dy = dy.contiguous()
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
-        token = torch.div(order, k, rounding_mode="floor")
-        gs = gates.reshape(-1).index_select(0, order).contiguous()
         dh = torch.empty(n, r, **f32)
         common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
         cfg = blocks("bwd_token", d, r, x.dtype)
         _slot_passes(routed_bwd_token_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(dx, k), dx,
-                     before=(dy, w_down, w_up, b_up, gs, token, order, h), after=(dgates, dh, d, r), **common,
+                     before=(dy, w_down, w_up, b_up, gates, order, h), after=(dgates, dh, d, r, k), **common,
                      **asdict(cfg))
         cfg = blocks("bwd_weight", d, r, x.dtype)
         d_blocks = triton.cdiv(d, cfg.BD)
         split = _weight_split(n, E, d_blocks, cfg.BM, _sm_count(x.device))
-        _launch(routed_bwd_weight_kernel, (E, d_blocks, 2 * split), x, dy, gs, token, h, dh, bounds, dwd, dbd, dwu, dbu,
-                d, r, E, k, SPLIT=split, **common, **asdict(cfg))
+        _launch(routed_bwd_weight_kernel, (E, d_blocks, 2 * split), x, dy, gates, order, h, dh, bounds, dwd, dbd, dwu,
+                dbu, d, r, E, k, SPLIT=split, **common, **asdict(cfg))
     else:
         dx = torch.zeros_like(x)
     out = x.dtype
-    return (dx, dgates.view(T, k).to(gates.dtype), dwd.to(w_down.dtype), dbd.to(out), dwu.to(w_up.dtype),
-            dbu.to(b_up.dtype))
+    return dx, dgates.view(T, k).to(gates.dtype), dwd.to(out), dbd.to(out), dwu.to(out), dbu.to(out)
 
 
 @moa_routed_bwd.register_fake
