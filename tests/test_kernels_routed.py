@@ -177,3 +177,21 @@ def test_dispatch_default_is_the_torch_path(monkeypatch):
     assert select_impl(None, torch.device("cpu")) == "torch"
     case = make_case(6, 5, 2, 3, 2)
     torch.testing.assert_close(routed_adapters(*case), routed_adapters_reference(*case))
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_torch_path_under_autocast_rounds_operands_and_trains(amp):
+    """Under torch.autocast the torch path takes its operands in autocast's dtype (fp32 weights cast as
+    autocast casts a Linear's) and its backward runs: the same numbers as calling it on pre-rounded
+    inputs with autocast off, gradients back in each input's dtype. (Its backward used to fail under
+    autocast with a dtype mismatch in a matmul.)"""
+    case = make_case(40, 12, 4, 5, 2, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=amp):
+        y, got = grads(routed_adapters_torch, case, "gelu")
+    rounded = [t.to(amp) if t.is_floating_point() else t for t in case]
+    y_rounded, want = grads(routed_adapters_torch, rounded, "gelu")
+    assert y.dtype == torch.float32 and torch.equal(y, y_rounded.float())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b.float())
+    reference = routed_adapters_reference(*rounded, activation="gelu")     # and still the op it claims to be
+    torch.testing.assert_close(y, reference.float(), atol=2e-2, rtol=2e-2)

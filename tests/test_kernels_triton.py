@@ -197,7 +197,26 @@ def _worker(report: Path) -> None:
             got, want = launch._tiles(bounds, T, k, E, bm), torch_tiles(bounds, T, k, E, bm)
             assert torch.equal(got, want), (T, k, E, bm, (got != want).nonzero()[:5].tolist())
 
+    def autocast_operands():   # under autocast the kernels read autocast's dtype (bf16 -> fp32 here)
+        from petl_tpr.kernels.triton import launch
+        case = make_case(30, 20, 5, 4, 2, dtype=torch.float32)
+        seen, real = [], launch.moa_routed_fwd
+        launch.moa_routed_fwd = lambda x, *rest: (seen.append(x.dtype), real(x, *rest))[1]
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                y, got = grads(routed_adapters_triton, case, "gelu")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                routed_adapters_triton(*case, activation="gelu")
+        finally:
+            launch.moa_routed_fwd = real
+        assert seen == [torch.float16, torch.float32], seen
+        rounded = [t.half() if t.is_floating_point() else t for t in case]
+        y_rounded, want = grads(routed_adapters_triton, rounded, "gelu")
+        assert y.dtype == torch.float32 and torch.equal(y, y_rounded.float())
+        assert all(a.dtype == torch.float32 and torch.equal(a, b.float()) for a, b in zip(got, want))
+
     for name, fn in (("random-sweep", random_sweep), ("h-saved-only-for-backward", h_saved_only_for_backward),
+                     ("autocast-operands", autocast_operands),
                      ("tile-tables-match-torch", tile_tables_match_torch), ("mixed-dtypes", mixed_dtypes), ("dispatch", dispatch), ("bad-ids", bad_ids),
                      ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck), ("compile-fullgraph", compile_fullgraph),
                      ("deterministic-weight-grads", deterministic_weight_grads)):
@@ -205,7 +224,7 @@ def _worker(report: Path) -> None:
     report.write_text(json.dumps(results, indent=1))
 
 
-EXTRA = ["random-sweep", "h-saved-only-for-backward", "tile-tables-match-torch", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
+EXTRA = ["random-sweep", "h-saved-only-for-backward", "autocast-operands", "tile-tables-match-torch", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
          "deterministic-weight-grads"]
 
 

@@ -87,3 +87,18 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype `torch.autocast` runs matmuls in on `device`'s type while it is on there; None when
+    it is off. Under autocast the implementations take their matmul operands in this dtype (fp32
+    weights are cast as autocast casts a Linear's), still accumulating in fp32."""
+    kind = torch.device(device).type
+    try:
+        on = torch.is_autocast_enabled(kind)
+    except TypeError:                          # torch < 2.4: no device-type argument
+        on = torch.is_autocast_enabled() if kind == "cuda" else kind == "cpu" and torch.is_autocast_cpu_enabled()
+        if not on:
+            return None
+        return torch.get_autocast_gpu_dtype() if kind == "cuda" else torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_dtype(kind) if on else None

@@ -91,8 +91,9 @@ def routed_adapters(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tens
 
     x `(T, d)`; expert_ids `(T, k)` int64 in `[0, E)`; gates `(T, k)` in x's dtype; w_down `(E, d, r)`;
     b_down `(E, r)`; w_up `(E, r, d)`; b_up `(E, d)` -> y `(T, d)` in x's dtype. `activation` is
-    `relu` or `gelu`. fp16/bf16 are computed in fp32. Gradients flow to x, gates and the four weight
-    tensors. Bad input raises `RoutingError` (a ValueError).
+    `relu` or `gelu`. fp16/bf16 are computed in fp32. Under `torch.autocast` the torch and Triton
+    paths take their operands in autocast's dtype (fp32 accumulation). Gradients flow to x, gates and
+    the four weight tensors. Bad input raises `RoutingError` (a ValueError).
     """
     return IMPLS[select_impl(impl, x.device)](x, expert_ids, gates, w_down, b_down, w_up, b_up,
                                               activation=activation)

@@ -18,6 +18,9 @@ beyond memory: fresh tens-of-MB buffers are page-faulted in on every call and co
 gathers themselves, while per-expert temporaries reuse the same heap memory.
 
 fp16/bf16 inputs are computed in fp32; y and every gradient come back in their input's dtype.
+Under `torch.autocast` the inputs are first rounded to autocast's dtype (as autocast casts a
+Linear's operands), then computed the same way with autocast off inside (its hand-written backward
+needs one dtype throughout).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import check_id_range, check_inputs, compute_dtype
+from .checks import autocast_dtype, check_id_range, check_inputs, compute_dtype
 
 
 def plan(expert_ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -81,6 +84,11 @@ class RoutedAdaptersFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):   # one dtype throughout, even if called under autocast
+            return RoutedAdaptersFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, gs, h, w_down, w_up, b_up, expert_ids, weight, order, token = ctx.saved_tensors
         need_x, need_g, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
         T, d = x.shape
@@ -131,6 +139,12 @@ def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torc
     w_up `(E, r, d)`, b_up `(E, d)` -> y `(T, d)` in x's dtype.
     """
     dims = check_inputs(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation)
+    amp = autocast_dtype(x.device)
+    if amp is not None and x.dtype != torch.float64:   # operands rounded to autocast's dtype, fp32 math inside
+        floats = [t.to(amp) for t in (x, gates, w_down, b_down, w_up, b_up)]
+        with torch.autocast(x.device.type, enabled=False):
+            y = routed_adapters_torch(floats[0], expert_ids, *floats[1:], activation=activation)
+        return y.to(x.dtype)
     dtype = compute_dtype(x, gates, w_down, b_down, w_up, b_up)
     order, token, bounds = plan(expert_ids, dims.E)
     args = [t.to(dtype).contiguous() for t in (x, gates, w_down, b_down, w_up, b_up)]

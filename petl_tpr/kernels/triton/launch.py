@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import HALF_DTYPES, RoutingError, check_id_range, check_inputs, compute_dtype
+from ..checks import HALF_DTYPES, RoutingError, autocast_dtype, check_id_range, check_inputs, compute_dtype
 from ..torch_fast import routed_adapters_torch
 from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel, routed_tiles_kernel
 
@@ -263,13 +263,14 @@ moa_routed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _op_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    """The dtype the kernels read: a shared fp16/bf16 stays (bf16 -> fp32 under the interpreter, whose
-    bf16 tl.dot is wrong), anything else is fp32."""
+    """The dtype the kernels read: autocast's fp16/bf16 while torch.autocast is on for the device, else
+    a shared fp16/bf16; anything else is fp32. bf16 -> fp32 under the interpreter, whose bf16 tl.dot
+    is wrong."""
+    amp = autocast_dtype(tensors[0].device)
     dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        (only,) = dtypes
-        if only == torch.float16 or (only == torch.bfloat16 and not interpreting()):
-            return only
+    wanted = amp if amp in HALF_DTYPES else (next(iter(dtypes)) if len(dtypes) == 1 else torch.float32)
+    if wanted == torch.float16 or (wanted == torch.bfloat16 and not interpreting()):
+        return wanted
     return torch.float32
 
 
