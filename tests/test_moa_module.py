@@ -155,6 +155,23 @@ def test_half_precision_input_and_empty_batch():
     assert out.shape == (0, 4, 16) and module.aux_loss().item() == 0.0
 
 
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_trains_under_autocast(impl):
+    """A training step of the layer under torch.autocast (the trainer's AMP): forward and backward run,
+    every parameter gets a finite gradient, and the output stays close to the fp32 one."""
+    module = perturbed(build(16, experts=4, top_k=2, width=4))
+    module.impl = impl
+    x = torch.randn(2, 6, 16)
+    want = module(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+        (out.float().square().sum() + module.aux_loss()).backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=5e-2, rtol=5e-2)
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
 def test_non_finite_router_input_is_named():
     module = build(16)
     x = torch.randn(2, 4, 16)
