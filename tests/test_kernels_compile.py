@@ -165,7 +165,7 @@ VIEWS = {"view", "_unsafe_view", "reshape", "expand", "select", "slice", "alias"
          "squeeze", "detach", "as_strided", "split", "unbind", "permute", "split_with_sizes"}
 
 
-def _device_work(dtype: torch.dtype) -> tuple[Counter, Counter, list, list]:
+def _device_work(dtype: torch.dtype, check_ids: bool = True) -> tuple[Counter, Counter, list, list]:
     """ATen ops (bar views and allocations) and Triton launches of one forward and one backward of the
     launcher at a small shape, on CPU tensors with the kernel launches recorded, not run."""
     from unittest import mock
@@ -192,7 +192,7 @@ def _device_work(dtype: torch.dtype) -> tuple[Counter, Counter, list, list]:
         with mock.patch.object(launch, "_launch", record), Count() as counter:
             if phase == "fwd":
                 _, h, order, bounds = launch.moa_routed_fwd._init_fn(x, ids, gates, w_down, b_down, w_up, b_up,
-                                                                     "relu", True)
+                                                                     "relu", True, check_ids)
             else:
                 launch.moa_routed_bwd._init_fn(dy, x, ids, gates, w_down, w_up, b_up, h, order,
                                                bounds, "relu")
@@ -209,6 +209,8 @@ def test_launcher_issues_few_small_ops(dtype):
     assert fwd_launches == ["routed_tiles_kernel", "routed_fwd_kernel", "routed_fwd_kernel"]
     assert bwd_launches == ["routed_tiles_kernel", "routed_bwd_token_kernel", "routed_bwd_token_kernel",
                             "routed_bwd_weight_kernel"]
+    unchecked, _, _, _ = _device_work(dtype, check_ids=False)        # the MoA layer's call: top-k ids
+    assert unchecked == fwd_ops - Counter(aminmax=1, stack=1), unchecked   # no id check, no host transfer
     assert fwd_ops["sort"] == 1 and fwd_ops["searchsorted"] == 1
     assert sum(fwd_ops.values()) <= 7, fwd_ops          # aminmax, stack (+ the id check's copy), arange x2, add, ...
     casts = 5 if dtype == torch.bfloat16 else 0            # fp32 weight-gradient buffers back to the weights' dtype

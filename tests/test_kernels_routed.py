@@ -195,3 +195,16 @@ def test_torch_path_under_autocast_rounds_operands_and_trains(amp):
         assert a.dtype == torch.float32 and torch.equal(a, b.float())
     reference = routed_adapters_reference(*rounded, activation="gelu")     # and still the op it claims to be
     torch.testing.assert_close(y, reference.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_unchecked_ids(impl):
+    """check_ids=False (top-k callers) changes nothing for valid ids; these paths check bad ids anyway (they
+    bring the expert runs to the host regardless; only the Triton path skips the check)."""
+    fn = IMPLEMENTATIONS[impl]
+    x, ids, *rest = make_case(9, 6, 3, 4, 2)
+    torch.testing.assert_close(fn(x, ids, *rest, check_ids=False), fn(x, ids, *rest), atol=0, rtol=0)
+    bad = ids.clone().index_fill_(0, torch.tensor([3]), 4)
+    for check in (True, False):
+        with pytest.raises(RoutingError, match="found 4"):
+            fn(x, bad, *rest, check_ids=check)

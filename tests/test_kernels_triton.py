@@ -124,6 +124,8 @@ def _worker(report: Path) -> None:
                 assert found in str(error), error
             else:
                 raise AssertionError(f"id {bad} was accepted")
+        assert torch.equal(routed_adapters_triton(x, ids, *rest, check_ids=False), routed_adapters_triton(x, ids, *rest))
+        routed_adapters_triton(x, ids.clone().index_fill_(0, torch.tensor([2]), 4), *rest, check_ids=False)  # no raise
         try:
             routed_adapters_triton(x, ids, *rest, activation="tanh")
         except RoutingError:

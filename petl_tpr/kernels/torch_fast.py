@@ -132,7 +132,7 @@ class RoutedAdaptersFunction(torch.autograd.Function):
 
 def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
                           b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, *,
-                          activation: str = "relu") -> torch.Tensor:
+                          activation: str = "relu", check_ids: bool = True) -> torch.Tensor:
     """`y_t = sum_j gates[t,j] * Ad_e(x_t)`, `e = expert_ids[t,j]`, sorted by expert; see the module doc.
 
     x `(T, d)`, expert_ids `(T, k)` int64, gates `(T, k)`, w_down `(E, d, r)`, b_down `(E, r)`,
@@ -143,10 +143,11 @@ def routed_adapters_torch(x: torch.Tensor, expert_ids: torch.Tensor, gates: torc
     if amp is not None and x.dtype != torch.float64:   # operands rounded to autocast's dtype, fp32 math inside
         floats = [t.to(amp) for t in (x, gates, w_down, b_down, w_up, b_up)]
         with torch.autocast(x.device.type, enabled=False):
-            y = routed_adapters_torch(floats[0], expert_ids, *floats[1:], activation=activation)
+            y = routed_adapters_torch(floats[0], expert_ids, *floats[1:], activation=activation, check_ids=check_ids)
         return y.to(x.dtype)
     dtype = compute_dtype(x, gates, w_down, b_down, w_up, b_up)
-    order, token, bounds = plan(expert_ids, dims.E)
+    order, token, bounds = plan(expert_ids, dims.E)   # checks the ids whatever check_ids says: the bounds
+    del check_ids                                      # come to the host in the same transfer
     args = [t.to(dtype).contiguous() for t in (x, gates, w_down, b_down, w_up, b_up)]
     y = RoutedAdaptersFunction.apply(*args, expert_ids, order, token, bounds, activation)
     return y.to(x.dtype)

@@ -182,7 +182,8 @@ class MixtureOfAdapters(nn.Module):
         ids, gates = self.route(logits)
         self._aux = self.load_balancing(logits, ids)
         y = routed_adapters(z, ids, gates.to(z.dtype), self.moa_down_weight, self.moa_down_bias, self.moa_up_weight,
-                            self.moa_up_bias, activation=self.activation, impl=self.impl)
+                            self.moa_up_bias, activation=self.activation, impl=self.impl,
+                            check_ids=False)   # top-k ids lie in [0, E): no id check, no host transfer for it
         return (y * self.scale).reshape(x.shape).to(x.dtype)
 
     def aux_loss(self) -> torch.Tensor:

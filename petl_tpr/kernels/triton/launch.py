@@ -142,13 +142,16 @@ def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int) -> torch.Tenso
     return out
 
 
-def _plan(expert_ids: torch.Tensor, E: int):
+def _plan(expert_ids: torch.Tensor, E: int, check_ids: bool = True):
     """order `(N,)` (sorted position -> flat index t*k+j) and bounds `(k*E+1,)`: the assignments sorted
     by (slot j, expert), so slot j's run of expert e is `bounds[j*E+e]:bounds[j*E+e+1]`, inside
-    `[j*T, (j+1)*T)`. On the device; checks the id range first with one small host transfer."""
+    `[j*T, (j+1)*T)`. On the device; checks the id range first with one small host transfer, unless
+    `check_ids` is False. Unchecked invalid ids land in another slot's or no run: the kernels' indices
+    all stay in bounds (tokens from `order`, experts from the clamped tile tables), the values do not."""
     k = expert_ids.shape[1]
-    lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()
-    check_id_range(lo, hi, E)
+    if check_ids:
+        lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()
+        check_id_range(lo, hi, E)
     keys = expert_ids + torch.arange(0, k * E, E, device=expert_ids.device, dtype=expert_ids.dtype)   # (T, k)
     keys, order = torch.sort(keys.reshape(-1), stable=True)
     bounds = torch.searchsorted(keys, torch.arange(k * E + 1, device=keys.device, dtype=keys.dtype))
@@ -172,10 +175,12 @@ def _accumulator(out: torch.Tensor, k: int) -> torch.Tensor:
 @torch.library.custom_op("petl_tpr::moa_routed_fwd", mutates_args=())
 def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
                    b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, activation: str,
-                   save_h: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   save_h: bool = True, check_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
     """y `(T, d)` in x's dtype, h `(N, r)` fp32 sorted pre-activations (`(0, r)` unless `save_h`; the
     backward needs them), order `(N,)`, bounds `(k*E+1,)`. All float inputs share one dtype (fp32,
-    fp16 or bf16) and are contiguous."""
+    fp16 or bf16) and are contiguous. `check_ids=False` skips the id-range check and its host
+    transfer: no host synchronisation at all."""
     T, d = x.shape
     E, _, r = w_down.shape
     k = expert_ids.shape[1]
@@ -185,7 +190,7 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     if n == 0:
         return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1)
     y = torch.empty_like(x)
-    order, bounds = _plan(expert_ids, E)
+    order, bounds = _plan(expert_ids, E, check_ids)
     _slot_passes(routed_fwd_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(y, k), y,
                  before=(x, w_down, b_down, w_up, b_up, gates, order), after=(h if save_h else y, d, r, k), ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h,
                  **asdict(cfg))
@@ -193,7 +198,7 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
 
 
 @moa_routed_fwd.register_fake
-def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, save_h=True):
+def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, save_h=True, check_ids=True):
     n, r, E, k = expert_ids.numel(), w_down.shape[2], w_down.shape[0], expert_ids.shape[1]
     return (x.new_empty(x.shape), x.new_empty(n if save_h else 0, r, dtype=torch.float32), expert_ids.new_empty(n),
             expert_ids.new_empty(k * E + 1))
@@ -246,7 +251,7 @@ def _(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds, activation
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, *_save_h = inputs
+    x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, *_flags = inputs
     _, h, order, bounds = output
     ctx.save_for_backward(x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds)
     ctx.activation = activation
@@ -256,7 +261,7 @@ def _backward(ctx, dy, _dh, _dorder, _dbounds):
     x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds = ctx.saved_tensors
     dx, dgates, dwd, dbd, dwu, dbu = moa_routed_bwd(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds,
                                                     ctx.activation)
-    return dx, None, dgates, dwd, dbd, dwu, dbu, None, None
+    return dx, None, dgates, dwd, dbd, dwu, dbu, None, None, None
 
 
 moa_routed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -276,7 +281,7 @@ def _op_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 
 def routed_adapters_triton(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, w_down: torch.Tensor,
                            b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, *,
-                           activation: str = "relu") -> torch.Tensor:
+                           activation: str = "relu", check_ids: bool = True) -> torch.Tensor:
     """`y_t = sum_j gates[t,j] * Ad_e(x_t)` by the fused Triton kernels; same contract as the torch path.
 
     Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton was imported (tests).
@@ -285,7 +290,8 @@ def routed_adapters_triton(x: torch.Tensor, expert_ids: torch.Tensor, gates: tor
     dims = check_inputs(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation)
     floats = [x, gates, w_down, b_down, w_up, b_up]
     if compute_dtype(*floats) == torch.float64:
-        return routed_adapters_torch(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation=activation)
+        return routed_adapters_torch(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation=activation,
+                                     check_ids=check_ids)
     if x.device.type != "cuda" and not interpreting():
         raise RoutingError(f"the Triton routed-adapter kernels need CUDA tensors (or TRITON_INTERPRET=1 for the "
                            f"interpreter); got device {x.device}")
@@ -293,5 +299,5 @@ def routed_adapters_triton(x: torch.Tensor, expert_ids: torch.Tensor, gates: tor
     dtype = _op_dtype(floats)
     args = [t.to(dtype).contiguous() for t in floats]
     save_h = torch.is_grad_enabled() and any(t.requires_grad for t in floats)   # only the backward reads h
-    y, *_ = moa_routed_fwd(args[0], expert_ids.contiguous(), *args[1:], activation, save_h)
+    y, *_ = moa_routed_fwd(args[0], expert_ids.contiguous(), *args[1:], activation, save_h, check_ids)
     return y.to(x.dtype)
