@@ -83,8 +83,9 @@ def _op_call(kernel: str, shape: str, dtype: str, device: str):
 
 
 def timed_sweep(device: str, shapes: list[str], dtypes: list[str], candidates: list[dict], skip: set,
-                progress=print) -> list[dict]:
-    """One row per candidate with its median ms (do_bench), the default config's ms and the ratio."""
+                progress=print, on_row=None) -> list[dict]:
+    """One row per candidate with its median ms (do_bench), the default config's ms and the ratio;
+    `on_row(rows)` after each row (the caller saves partial results: a time limit loses nothing)."""
     import triton.testing
 
     from petl_tpr.kernels.triton import compile_report, launch
@@ -112,6 +113,8 @@ def timed_sweep(device: str, shapes: list[str], dtypes: list[str], candidates: l
                                    speedup_vs_default=round(default_ms / ms, 3))
                     rows.append(row)
                     progress(f"{shape} {dtype} {kernel} {config}: {row.get('ms', row.get('error'))}")
+                    if on_row:
+                        on_row(rows)
     return rows
 
 
@@ -181,10 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
         skip = set()
         if static_file.exists():
             skip = {_key(row) for row in json.loads(static_file.read_text())["rows"] if not row["fits"]}
-        rows = timed_sweep(args.device, args.shapes, args.dtypes, candidates, skip)
         name = "moa_block_sweep_cuda"
-        result = {"mode": "timed", "rows": rows, "best": best_per_kernel(rows), "machine": machine(args.device),
-                  "skipped_by_static": len(skip), "seconds": round(time.perf_counter() - start, 1)}
+        info = machine(args.device)
+
+        def timed_result(rows, complete):
+            return {"mode": "timed", "complete": complete, "rows": rows, "best": best_per_kernel(rows),
+                    "machine": info, "skipped_by_static": len(skip), "seconds": round(time.perf_counter() - start, 1)}
+
+        rows = timed_sweep(args.device, args.shapes, args.dtypes, candidates, skip,
+                           on_row=lambda rows: write_json(name, timed_result(rows, False), args.out))
+        result = timed_result(rows, True)
         value, title = "ms", f"op time per candidate, {result['machine']['device_name']}"
         for key, row in result["best"].items():
             print(f"best {key}: {row['config']} {row['ms']} ms ({row['speedup_vs_default']}x the default "
