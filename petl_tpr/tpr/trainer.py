@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +54,7 @@ from .evaluation import _device_of, _progress, evaluate
 from .losses import IdentityLoss, sdm_loss
 from .masking import MaskingConfig
 from .models import DualEncoder
-from .schedule import OptimConfig, build_optimizer, build_scheduler
+from .schedule import OptimConfig, build_optimizer, build_scheduler, step_warmup_factor
 from .tokenizer import ClipTokenizer
 from .run_files import RunFiles, _seed_all, epoch_seed, load_weights, plot_history, save_weights
 from .torch_data import ImageTextDataset
@@ -80,6 +80,8 @@ class TrainConfig:
 
     `batch_size` is the loader batch (the SDM batch); `grad_accum` batches make one optimiser step.
     `amp` applies on CUDA only (float16 autocast + GradScaler); on CPU it is ignored.
+    `warmup_steps` (0: off, the reference) ramps the lr linearly over the first optimiser steps of
+    the run, on top of the per-epoch schedule (`schedule.py`).
     `eval_split`: "val" evaluates on `data.val` when the dataset has one (nothing otherwise),
     "test" on the test split (explicit opt-in: selecting on test is what the reference did),
     "none" never. Evaluation runs every `eval_every` epochs and after the last one.
@@ -99,6 +101,7 @@ class TrainConfig:
     weight_decay: float = 4e-5
     warmup_epochs: int = 5
     warmup_factor: float = 0.1
+    warmup_steps: int = 0
     seed: int = 1
     grad_accum: int = 1
     amp: bool = True
@@ -135,7 +138,7 @@ class TrainConfig:
         # checks lr, betas, eps, weight_decay, epochs, warmup
         object.__setattr__(self, "optim", OptimConfig(
             lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, epochs=self.epochs,
-            warmup_epochs=self.warmup_epochs, warmup_factor=self.warmup_factor))
+            warmup_epochs=self.warmup_epochs, warmup_factor=self.warmup_factor, warmup_steps=self.warmup_steps))
 
     def to_json(self) -> dict:
         """The settings as JSON-ready values (stored in checkpoints, compared on resume)."""
@@ -155,7 +158,9 @@ def _eval_target(data: PersonRetrievalData, config: TrainConfig) -> EvalSplit | 
 
 def _check_resume_config(saved: dict, config: TrainConfig, path: Path) -> None:
     now = config.to_json()
-    changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.init and f.default is not MISSING}
+    # a setting added after the checkpoint was written reads as its default (older runs still resume)
+    changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k, defaults.get(k)) != now[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise CheckpointError(f"{path}: cannot resume with changed settings ({details}); "
@@ -182,14 +187,17 @@ def _local_forward(model: DualEncoder, batch: dict | None, *, caption_key: str, 
 
 
 def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLoss | None, optimizer, scaler,
-                 config: TrainConfig, device: torch.device, amp: bool, epoch: int, group: ProcessGroup) -> dict:
+                 config: TrainConfig, device: torch.device, amp: bool, epoch: int, group: ProcessGroup,
+                 first_step: int = 0) -> dict:
     """One pass over `loader` (this rank's shares); returns the global mean losses and counts.
+    `first_step`: optimiser steps taken before this epoch (for the per-step warm-up).
 
     SDM and ID see the all-gathered global batch; the gradients are averaged over the ranks before
     each step (see `distributed._GatherRows` for why that gives the single-process gradient)."""
     model.train()
     caption_key = "mlm_ids" if config.mask_captions else "caption_ids"
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    scheduled = [g["lr"] for g in optimizer.param_groups]       # this epoch's lr from the per-epoch schedule
     sums = torch.zeros(5, dtype=torch.float64, device=device)   # loss, sdm, id, aux (sample-weighted), samples
     steps = 0
     optimizer.zero_grad(set_to_none=True)
@@ -206,12 +214,17 @@ def _train_epoch(model: DualEncoder, loader: DataLoader, *, id_head: IdentityLos
         scaler.scale(loss / config.grad_accum).backward()
         if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
             group.average_gradients(params)
+            warm = step_warmup_factor(first_step + steps, config.warmup_steps)
+            for g, lr in zip(optimizer.param_groups, scheduled):
+                g["lr"] = lr * warm
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
         sums[:4] += torch.stack([loss.detach(), sdm.detach(), ident.detach(), aux.detach()]).double() * len(pids)
         sums[4] += len(pids)
+    for g, lr in zip(optimizer.param_groups, scheduled):       # the warm-up never leaks into the schedule
+        g["lr"] = lr
     group.all_reduce_sum(sums)
     samples = int(sums[4])
     means = (sums[:4] / max(samples, 1)).tolist()
@@ -314,7 +327,8 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
         began = time.perf_counter()
         record = {"epoch": epoch + 1, "lr": lr,
                   **_train_epoch(model, loader, id_head=id_head, optimizer=optimizer, scaler=scaler, config=config,
-                                 device=device, amp=amp, epoch=epoch, group=group)}
+                                 device=device, amp=amp, epoch=epoch, group=group,
+                                 first_step=sum(r["steps"] for r in history))}
         record["train_s"] = round(time.perf_counter() - began, 3)
         scheduler.step()
         last = epoch + 1 == config.epochs

@@ -174,6 +174,54 @@ def test_resume_reproduces_the_uninterrupted_run(data, tokenizer, tmp_path, work
         run(tiny_model(), data, tokenizer, tmp_path / "b", resume=True, lr=1e-2, **options)
 
 
+def test_per_step_warmup_ramps_the_lr_and_survives_resume(data, tokenizer, tmp_path, monkeypatch):
+    """warmup_steps=4: optimiser step s runs at lr * factor(epoch) * min(1, (s+1)/4), counted over the
+    whole run, so a run resumed after epoch 1 takes the same steps at the same lrs."""
+    import petl_tpr.tpr.trainer as trainer
+
+    seen: dict[str, list[float]] = {}
+    real = trainer.build_optimizer
+
+    def recording(modules, config, _out=None):
+        optimizer = real(modules, config)
+        optimizer.register_step_pre_hook(lambda opt, *_: seen[key].append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", recording)
+    options = dict(warmup_steps=4, id_loss=False)
+    key = "straight"
+    seen[key] = []
+    full = run(tiny_model(), data, tokenizer, tmp_path / "a", **options)
+    key = "split"
+    seen[key] = []
+    run(tiny_model(), data, tokenizer, tmp_path / "b", stop_after=1, **options)
+    run(tiny_model(), data, tokenizer, tmp_path / "b", resume=True, **options)
+
+    steps = [record["steps"] for record in full]
+    assert sum(steps) > 4 and steps[0] < 4            # the ramp crosses the epoch boundary
+    want, s = [], 0
+    for epoch, n in enumerate(steps):
+        for _ in range(n):
+            want.append(5e-3 * lr_factor(epoch, epochs=2, warmup_epochs=1, warmup_factor=0.1) * min(1.0, (s + 1) / 4))
+            s += 1
+    assert seen["straight"] == pytest.approx(want, rel=1e-12) and seen["split"] == seen["straight"]
+    assert [r["lr"] for r in full] == pytest.approx([5e-4, 5e-3])   # the recorded per-epoch lr is unchanged
+    with pytest.raises(CheckpointError, match="changed settings.*warmup_steps"):
+        run(tiny_model(), data, tokenizer, tmp_path / "b", resume=True, warmup_steps=8, id_loss=False)
+
+
+def test_checkpoints_without_newer_settings_still_resume(data, tokenizer, tmp_path):
+    """A checkpoint written before a setting existed (here warmup_steps) resumes as if it held the default."""
+    import petl_tpr.tpr.trainer as trainer
+
+    config = TrainConfig(out_dir=tmp_path, warmup_epochs=1, epochs=2)
+    saved = {k: v for k, v in config.to_json().items() if k != "warmup_steps"}
+    trainer._check_resume_config(saved, config, tmp_path)                  # no error
+    with pytest.raises(CheckpointError, match="warmup_steps"):
+        trainer._check_resume_config(saved, TrainConfig(out_dir=tmp_path, warmup_epochs=1, epochs=2,
+                                                        warmup_steps=5), tmp_path)
+
+
 CHILD = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
