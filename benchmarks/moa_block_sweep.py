@@ -32,7 +32,7 @@ from common import RESULTS, machine, write_json  # noqa: E402
 from moa_routing import make_inputs  # noqa: E402
 
 CANDIDATES = [dict(BM=bm, BD=bd, num_warps=warps) for bm in (32, 64, 128) for bd in (32, 64, 128) for warps in (4, 8)]
-QUICK = [dict(BM=64, BD=64, num_warps=4), dict(BM=32, BD=32, num_warps=4)]
+QUICK = [dict(BM=32, BD=64, num_warps=8), dict(BM=32, BD=32, num_warps=8)]
 
 
 def _key(row: dict) -> tuple:
@@ -52,7 +52,7 @@ def static_sweep(arch: int, shapes: list[str], dtypes: list[str], candidates: li
                     row = {"shape": shape, "dtype": dtype, "kernel": kernel, "config": config}
                     try:
                         passes = compile_report.kernel_stats(shape, dtype, arch=arch, overrides={kernel: config},
-                                                             kernels=(kernel,))
+                                                             kernels=(kernel,), forward=_FORWARD.get(kernel, "auto"))
                         stats = max(passes, key=lambda s: (s.spill_bytes, s.registers))   # the worst slot pass
                     except Exception as error:   # noqa: BLE001 - a candidate that does not compile is a result
                         row.update(fits=False, error=f"{type(error).__name__}: {str(error)[:200]}")
@@ -69,14 +69,20 @@ def static_sweep(arch: int, shapes: list[str], dtypes: list[str], candidates: li
     return rows
 
 
+_FORWARD = {"fwd": "slots", "fwd_pairs": "pairs"}     # the forward kind that launches each forward kernel
+
+
 def _op_call(kernel: str, shape: str, dtype: str, device: str):
     """A no-argument function running the op piece that launches `kernel` on `device`."""
     from petl_tpr.kernels.triton import compile_report, launch
 
     x, ids, gates, w_down, b_down, w_up, b_up = [t.detach() for t in make_inputs(
         **compile_report.SHAPES[shape], device=torch.device(device), dtype=compile_report.DTYPES[dtype])]
-    if kernel == "fwd":
-        return lambda: launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
+    if kernel in _FORWARD:
+        def forward():
+            with launch.forward_override(_FORWARD[kernel]):
+                return launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
+        return forward
     _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
     dy = torch.randn_like(x)
     return lambda: launch.moa_routed_bwd(dy, x, ids, gates, w_down, w_up, b_up, h, order, bounds, "relu")

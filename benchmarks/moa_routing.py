@@ -1,14 +1,17 @@
 """Benchmark of the routed mixture-of-adapters op (`petl_tpr.kernels`) at DM-Adapter's shapes.
 
-Times the forward (of a training step: inputs require grad) and forward+backward of every
-implementation in `IMPLEMENTATIONS` available on the device, interleaved repeat by repeat so that
-the ratios come from the same stretch of time; reports medians. Shapes: vision T = 32*193, d = 768,
-r = 96; text T = 32*77, d = 512, r = 64; E = 6, k = 2. Sweeps: E in (2, 4, 8, 16, 32, 64) at the
-vision shape, and T from 1k to 12k tokens at the vision width.
+Times the inference forward (no_grad), the forward of a training step (inputs require grad) and
+forward+backward of every implementation in `IMPLEMENTATIONS` available on the device, interleaved
+repeat by repeat so that the ratios come from the same stretch of time; reports medians. On CUDA
+"triton" is the launcher's choice (pair tiles at small E, k = 2) and "triton-slots" the slot-pass
+forward forced. Shapes (`--batch` B, default 32): vision T = B*193, d = 768, r = 96; text T = B*77,
+d = 512, r = 64; E = 6, k = 2. Sweeps: E in (2, 4, 8, 16, 32, 64) at the vision shape, and T from
+1k to 12k tokens at the vision width.
 
-    python benchmarks/moa_routing.py [--quick] [--device cpu] [--out benchmarks/results]
+    python benchmarks/moa_routing.py [--quick] [--device cpu] [--batch 32] [--dtype float32] [--out DIR]
 
-writes `<out>/moa_routing_<device type>.json` and `.png`. `--quick` shrinks everything for a smoke test.
+writes `<out>/moa_routing_<device type>[_b<B>_<dtype>].json` and `.png`. `--quick` shrinks
+everything for a smoke test.
 """
 
 from __future__ import annotations
@@ -50,13 +53,25 @@ def _dense_fits(T: int, d: int, r: int, E: int) -> bool:
     return E * T * d * 4 <= DENSE_LIMIT_BYTES
 
 
-# name -> (function, available(device), fits(T, d, r, E)). "triton" runs on CUDA only (never the interpreter).
+def triton_slot_passes(*args, **kwargs) -> torch.Tensor:
+    """The Triton path with its forward forced to slot passes (at small E, k = 2 `auto` runs pair tiles)."""
+    from petl_tpr.kernels.triton import launch
+
+    with launch.forward_override("slots"):
+        return routed_adapters_triton(*args, **kwargs)
+
+
+def _on_cuda_with_triton(device: torch.device) -> bool:
+    return device.type == "cuda" and triton_available(device)
+
+
+# name -> (function, available(device), fits(T, d, r, E)). "triton*" run on CUDA only (never the interpreter).
 IMPLEMENTATIONS: dict[str, tuple[Callable, Callable[[torch.device], bool], Callable[..., bool]]] = {
     "reference": (routed_adapters_reference, lambda device: True, lambda *shape: True),
     "torch": (routed_adapters_torch, lambda device: True, lambda *shape: True),
     "dense": (dense_all_experts, lambda device: True, _dense_fits),
-    "triton": (routed_adapters_triton, lambda device: device.type == "cuda" and triton_available(device),
-               lambda *shape: True),
+    "triton": (routed_adapters_triton, _on_cuda_with_triton, lambda *shape: True),
+    "triton-slots": (triton_slot_passes, _on_cuda_with_triton, lambda *shape: True),
 }
 
 

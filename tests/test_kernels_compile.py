@@ -21,10 +21,19 @@ pytestmark = pytest.mark.skipif(interpreting(), reason="TRITON_INTERPRET=1 repla
 H100 = compile_report.ARCHS[90]
 
 
+PICKED = [("routed_fwd_pairs_kernel", "pairs"), ("routed_bwd_token_kernel", "first"),
+          ("routed_bwd_token_kernel", "last"), ("routed_bwd_weight_kernel", "")]   # E = 6, k = 2: pair-tile forward
+SLOT_FORWARD = [("routed_fwd_kernel", "first"), ("routed_fwd_kernel", "last")]    # k = 2 slot passes
+
+
+def _kernels(shape, dtype, activation="relu"):
+    """What the launcher picks at the shape, then the slot-pass forward forced."""
+    return (compile_report.kernel_stats(shape, dtype, activation, arch=90)
+            + compile_report.kernel_stats(shape, dtype, activation, arch=90, kernels=("fwd",), forward="slots"))
+
+
 def _check_hopper_ready(rows, dtype):
-    assert [(row.kernel, row.variant) for row in rows] == [
-        ("routed_fwd_kernel", "first"), ("routed_fwd_kernel", "last"), ("routed_bwd_token_kernel", "first"),
-        ("routed_bwd_token_kernel", "last"), ("routed_bwd_weight_kernel", "")]      # k = 2 slot passes
+    assert [(row.kernel, row.variant) for row in rows] == PICKED + SLOT_FORWARD
     for row in rows:
         where = f"{row.kernel} {row.variant} {row.shape} {row.dtype}"
         assert row.spill_bytes == 0 and row.stack_bytes == 0, f"{where} spills: {row}"
@@ -43,7 +52,7 @@ def _check_hopper_ready(rows, dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_vision_kernels_compile_for_sm90_without_spills_on_tensor_cores(dtype):
-    _check_hopper_ready(compile_report.kernel_stats("vision", dtype, "relu", arch=90), dtype)
+    _check_hopper_ready(_kernels("vision", dtype), dtype)
 
 
 @pytest.mark.slow
@@ -51,7 +60,7 @@ def test_vision_kernels_compile_for_sm90_without_spills_on_tensor_cores(dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", ["vision", "text"])
 def test_every_shape_dtype_activation_compiles_for_sm90(shape, dtype, activation):
-    _check_hopper_ready(compile_report.kernel_stats(shape, dtype, activation, arch=90), dtype)
+    _check_hopper_ready(_kernels(shape, dtype, activation), dtype)
 
 
 def test_fp32_follows_torch_tf32_flag():
@@ -62,9 +71,9 @@ def test_fp32_follows_torch_tf32_flag():
     saved = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        ieee, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+        ieee, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",), forward="slots")
         matmul.allow_tf32 = True
-        tf32, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",))
+        tf32, _ = compile_report.kernel_stats("text", "float32", arch=90, kernels=("fwd",), forward="slots")
     finally:
         matmul.allow_tf32 = saved
     assert ieee.tensor_core == {} and ieee.spill_bytes == 0
@@ -74,7 +83,8 @@ def test_fp32_follows_torch_tf32_flag():
 def test_tile_table_kernel_compiles_for_sm90():
     rows = compile_report.kernel_stats("vision", "bfloat16", arch=90, kernels=("plan",))
     assert [row.kernel for row in rows] == ["routed_tiles_kernel"] * 2          # before the forward, the backward
-    assert all(row.spill_bytes == 0 and row.grid == [2] and not row.atomics for row in rows), rows
+    assert [row.grid for row in rows] == [[1], [2]]                           # the pair plan, the k = 2 slot plan
+    assert all(row.spill_bytes == 0 and not row.atomics for row in rows), rows
 
 
 def test_recorded_launches_are_the_launchers():
@@ -90,14 +100,15 @@ def test_recorded_launches_are_the_launchers():
     assert [compile_report.pass_name(rec.meta) for rec in passes] == ["first", "middle", "last"] * 2
     assert all(rec.grid == (triton.cdiv(T, cfg.BM) + E,) for rec in passes)    # one pass per slot: T rows
     fwd = passes[0]
-    split = launch._weight_split(n, E, triton.cdiv(d, cfg.BD), cfg.BM, 132)
-    assert weight.kernel is launch.routed_bwd_weight_kernel and weight.grid == (E, triton.cdiv(d, cfg.BD), 2 * split)
+    weight_cfg = launch.blocks("bwd_weight", d, r, torch.bfloat16)
+    split = launch._weight_split(n, E, triton.cdiv(d, weight_cfg.BD), weight_cfg.BM, 132)
+    assert weight.kernel is launch.routed_bwd_weight_kernel and weight.grid == (E, triton.cdiv(d, weight_cfg.BD), 2 * split)
     assert fwd.meta["ACT"] == 1 and fwd.meta["BR"] == 32 and fwd.meta["DOT"] == triton.language.bfloat16
     assert weight.meta["SPLIT"] == split and split > 1     # spread over the SMs
 
 
 def test_overrides_reach_the_compiled_kernel():
-    small, _ = compile_report.kernel_stats("text", "bfloat16", arch=90, kernels=("fwd",),
+    small, _ = compile_report.kernel_stats("text", "bfloat16", arch=90, kernels=("fwd",), forward="slots",
                                            overrides={"fwd": {"BM": 32, "BD": 32, "num_warps": 8}})
     assert small.num_warps == 8 and small.constants["BM"] == "32" and small.constants["BD"] == "32"
     assert small.grid == [triton.cdiv(128 * 77, 32) + 6]
@@ -153,7 +164,7 @@ def test_static_block_sweep_writes_json_and_plot(tmp_path):
 
     result = moa_block_sweep.main(["--static", "--quick", "--shapes", "text", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "moa_block_sweep_static_sm90.json").read_text())["rows"]
-    assert rows == result["rows"] and len(rows) == 3 * len(moa_block_sweep.QUICK)
+    assert rows == result["rows"] and len(rows) == len(launch.KERNELS) * len(moa_block_sweep.QUICK)
     assert all(row["fits"] and row["registers"] > 0 for row in rows)   # the quick candidates do not spill
     assert (tmp_path / "moa_block_sweep_static_sm90.png").stat().st_size > 0
 
@@ -165,7 +176,7 @@ VIEWS = {"view", "_unsafe_view", "reshape", "expand", "select", "slice", "alias"
          "squeeze", "detach", "as_strided", "split", "unbind", "permute", "split_with_sizes"}
 
 
-def _device_work(dtype: torch.dtype, check_ids: bool = True) -> tuple[Counter, Counter, list, list]:
+def _device_work(dtype: torch.dtype, check_ids: bool = True, forward: str = "auto") -> tuple[Counter, Counter, list, list]:
     """ATen ops (bar views and allocations) and Triton launches of one forward and one backward of the
     launcher at a small shape, on CPU tensors with the kernel launches recorded, not run."""
     from unittest import mock
@@ -189,7 +200,7 @@ def _device_work(dtype: torch.dtype, check_ids: bool = True) -> tuple[Counter, C
     counts = {}
     for phase in ("fwd", "bwd"):
         record = lambda kernel, grid, *a, phase=phase, **m: launches[phase].append(kernel.fn.__name__)  # noqa: E731
-        with mock.patch.object(launch, "_launch", record), Count() as counter:
+        with mock.patch.object(launch, "_launch", record), launch.forward_override(forward), Count() as counter:
             if phase == "fwd":
                 _, h, order, bounds = launch.moa_routed_fwd._init_fn(x, ids, gates, w_down, b_down, w_up, b_up,
                                                                      "relu", True, check_ids)
@@ -211,6 +222,10 @@ def test_launcher_issues_few_small_ops(dtype):
                             "routed_bwd_weight_kernel"]
     unchecked, _, _, _ = _device_work(dtype, check_ids=False)        # the MoA layer's call: top-k ids
     assert unchecked == fwd_ops - Counter(aminmax=1, stack=1), unchecked   # no id check, no host transfer
+    pair_ops, pair_bwd, pair_launches, _ = _device_work(dtype, forward="pairs")
+    assert pair_launches == ["routed_tiles_kernel", "routed_fwd_pairs_kernel"] and pair_bwd == bwd_ops
+    # + the pair plan (sort per token, keys, sort, searchsorted, gates in id order) next to the slot plan
+    assert sum(pair_ops.values()) <= sum(fwd_ops.values()) + 7, pair_ops
     assert fwd_ops["sort"] == 1 and fwd_ops["searchsorted"] == 1
     assert sum(fwd_ops.values()) <= 7, fwd_ops          # aminmax, stack (+ the id check's copy), arange x2, add, ...
     casts = 5 if dtype == torch.bfloat16 else 0            # fp32 weight-gradient buffers back to the weights' dtype

@@ -40,6 +40,8 @@ CASES = {
     "bf16-via-fp32-operands": (20, 16, 4, 4, 2, "bfloat16", "relu", {}),
 }
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+FORWARDS = ["auto", "pairs", "slots"]
+PAIR_CASES = [f"{name}@pairs" for name, spec in CASES.items() if spec[4] == 2]
 
 
 def _worker(report: Path) -> None:
@@ -77,8 +79,18 @@ def _worker(report: Path) -> None:
             for g in got[1][2:]:
                 assert not g[unused].any()
 
+    from petl_tpr.kernels.triton import launch
+
+    def with_forward(mode, spec):
+        with launch.forward_override(mode):
+            T, d, r, E, k = spec[:5]
+            assert launch.forward_kind(T, k, E, launch.blocks("fwd", d, r).BM) == ("pairs" if k == 2 else "slots")
+            against_reference(*spec)
+
     for name, spec in CASES.items():
         check(name, lambda spec=spec: against_reference(*spec))
+        if spec[4] == 2:      # k = 2 cases again with the pair-tile forward forced
+            check(f"{name}@pairs", lambda spec=spec: with_forward("pairs", spec))
 
     def random_sweep():   # hypothesis-chosen sizes; seeded and without a database, so CI sees the same draws
         from hypothesis import HealthCheck, given, seed, settings
@@ -90,16 +102,18 @@ def _worker(report: Path) -> None:
             k = draw(st.integers(1, E if distinct else E + 1))       # repeated picks may exceed E
             return (draw(st.integers(0, 40)), draw(st.integers(1, 80)), draw(st.integers(1, 40)), E, k,
                     draw(st.sampled_from(["float32", "float16"])), draw(st.sampled_from(["relu", "gelu"])),
-                    {"distinct": distinct, "seed": draw(st.integers(0, 2**16))})
+                    {"distinct": distinct, "seed": draw(st.integers(0, 2**16))}), draw(st.sampled_from(FORWARDS))
 
         @seed(1234)
         @settings(max_examples=24, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(spec=specs())
-        def sweep(spec):
+        @given(drawn=specs())
+        def sweep(drawn):
+            spec, forward = drawn
             try:
-                against_reference(*spec)
+                with launch.forward_override(forward):
+                    against_reference(*spec)
             except AssertionError as error:
-                raise AssertionError(f"{spec}: {error}") from error
+                raise AssertionError(f"{spec} {forward}: {error}") from error
 
         sweep()
 
@@ -253,7 +267,7 @@ def interpreter_report(tmp_path_factory):
     return json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("name", list(CASES) + EXTRA)
+@pytest.mark.parametrize("name", list(CASES) + PAIR_CASES + EXTRA)
 def test_interpreter(interpreter_report, name):
     entry = interpreter_report[name]
     assert entry["ok"], entry["msg"]

@@ -114,9 +114,10 @@ def make_inputs(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, seed
 
 
 def record_launches(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, activation: str = "relu",
-                    sms: int = 132, overrides: dict | None = None) -> list[Launch]:
+                    sms: int = 132, overrides: dict | None = None, forward: str = "auto") -> list[Launch]:
     """The forward (k slot passes), token-backward (k slot passes) and weight-backward launches a CUDA
-    device with `sms` SMs would make (with `launch.block_overrides(**overrides)` in force, if given)."""
+    device with `sms` SMs would make (with `launch.block_overrides(**overrides)` in force, if given,
+    and the forward run as `forward`: auto, pairs or slots)."""
     if launch.interpreting():
         raise RuntimeError("compile_report needs triton imported without TRITON_INTERPRET (the interpreter "
                            "replaces the JIT functions and uses interpreter block sizes)")
@@ -127,7 +128,7 @@ def record_launches(T: int, d: int, r: int, E: int, k: int, dtype: torch.dtype, 
 
     x, ids, gates, w_down, b_down, w_up, b_up = make_inputs(T, d, r, E, k, dtype)
     with mock.patch.object(launch, "_launch", record), mock.patch.object(launch, "_sm_count", lambda device: sms), \
-            launch.block_overrides(**(overrides or {})):
+            launch.block_overrides(**(overrides or {})), launch.forward_override(forward):
         _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, activation, True)
         launch.moa_routed_bwd(torch.randn_like(x), x, ids, gates, w_down, w_up, b_up, h, order, bounds, activation)
     return recorded
@@ -207,7 +208,8 @@ def ptx_counts(ptx: str) -> tuple[dict, dict, dict]:
 
 
 def pass_name(meta: dict) -> str:
-    """Which slot pass a launch is, from its FIRST/LAST flags ("" for the weight kernel)."""
+    """Which slot pass a launch is, from its FIRST/LAST flags ("" for the weight kernel and the
+    pair-tile forward)."""
     if "FIRST" not in meta:
         return ""
     return {(True, True): "only", (True, False): "first", (False, True): "last"}.get(
@@ -237,16 +239,17 @@ def compile_launch(rec: Launch, arch: int = 90) -> tuple[object, float]:
 
 
 def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 90, overrides: dict | None = None,
-                 kernels: tuple[str, ...] = launch.KERNELS) -> list[KernelStats]:
+                 kernels: tuple[str, ...] = launch.KERNELS, forward: str = "auto") -> list[KernelStats]:
     """Compile the kernels (names from `launch.KERNELS`, or "plan" for the tile-table kernel, launched
     once before the forward and once before the token backward) as launched at `SHAPES[shape]` in
     `dtype`, with `overrides` for `launch.block_overrides`; one KernelStats each."""
     limits = ARCHS[arch]
     rows = []
     recorded = record_launches(**SHAPES[shape], dtype=DTYPES[dtype], activation=activation, sms=limits.sms,
-                               overrides=overrides)
+                               overrides=overrides, forward=forward)
     names = {launch.routed_fwd_kernel: "fwd", launch.routed_bwd_token_kernel: "bwd_token",
-             launch.routed_bwd_weight_kernel: "bwd_weight", launch.routed_tiles_kernel: "plan"}
+             launch.routed_bwd_weight_kernel: "bwd_weight", launch.routed_tiles_kernel: "plan",
+             launch.routed_fwd_pairs_kernel: "fwd_pairs"}
     for rec in recorded:
         if names[rec.kernel] not in kernels:
             continue
@@ -259,7 +262,8 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
         constants = {key: str(value) for key, value in rec.meta.items()}
         programs = math.prod(rec.grid)
         rows.append(KernelStats(
-            kernel=rec.kernel.fn.__name__, variant=pass_name(rec.meta), shape=shape, dtype=dtype, activation=activation, arch=arch,
+            kernel=rec.kernel.fn.__name__, variant=pass_name(rec.meta) or ("pairs" if names[rec.kernel] == "fwd_pairs" else ""),
+            shape=shape, dtype=dtype, activation=activation, arch=arch,
             constants=constants, grid=list(rec.grid), num_warps=warps, num_stages=stages, registers=res["registers"],
             spill_bytes=res["spill_stores"], spill_load_bytes=res["spill_loads"], stack_bytes=res["stack"],
             shared_bytes=shared, blocks_per_sm=blocks, limited_by=limiter, occupancy=round(blocks * warps / limits.warps, 4),
@@ -270,14 +274,18 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
 
 def report(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), activations=("relu",), arch: int = 90,
            progress=None) -> dict:
-    """{"arch", "part", "triton", "kernels": [KernelStats as dicts]} over the given matrix."""
+    """{"arch", "part", "triton", "kernels": [KernelStats as dicts]} over the given matrix: the kernels
+    the launcher picks (`forward="auto"`), then the slot-pass forward where auto picked pair tiles."""
     kernels = []
     for shape in shapes:
         for dtype in dtypes:
             for activation in activations:
                 if progress:
                     progress(f"compiling {shape} {dtype} {activation} for sm_{arch}")
-                kernels += [asdict(row) for row in kernel_stats(shape, dtype, activation, arch)]
+                rows = kernel_stats(shape, dtype, activation, arch)
+                if any(row.variant == "pairs" for row in rows):
+                    rows += kernel_stats(shape, dtype, activation, arch, kernels=("fwd",), forward="slots")
+                kernels += [asdict(row) for row in rows]
     return {"arch": arch, "part": ARCHS[arch].part, "triton": triton.__version__, "kernels": kernels}
 
 

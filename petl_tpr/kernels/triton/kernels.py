@@ -87,7 +87,7 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, order_pt
                       DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                       STORE_H: tl.constexpr):
     """One tile of one expert in one slot pass: gather x rows, down-projection, bias, activation
-    (pre-activation stored to `h (N, r)` fp32 when STORE_H), gate, up-projection + gated up-bias,
+    (pre-activation stored to row t*k+j of `h (N, r)` fp32 when STORE_H), gate, up-projection + gated up-bias,
     combined into row `tok` of `acc (T, d)` fp32 / `y (T, d)` (`_combine`)."""
     e, pos, mrow, flat, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, order_ptr,
                                                       gates_ptr, n_slots, r, BM, BR)
@@ -101,7 +101,7 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, order_pt
     bd = tl.load(bd_ptr + e * r + offr, mask=mr, other=0.0).to(tl.float32)
     h = acc + bd[None, :]
     if STORE_H:
-        tl.store(h_ptr + pos[:, None] * r + offr[None, :], h, mask=mrow[:, None] & mr[None, :])
+        tl.store(h_ptr + flat[:, None] * r + offr[None, :], h, mask=mrow[:, None] & mr[None, :])
     a = (_act(h, ACT) * g[:, None]).to(DOT)          # padded r columns are act(0) = 0
     for n0 in range(0, d, BD):
         offn = n0 + tl.arange(0, BD)
@@ -111,6 +111,67 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, order_pt
         bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
         out = out + g[:, None] * bu[None, :]
         _combine(acc_ptr, y_ptr, tok[:, None] * d + offn[None, :], mrow[:, None] & mn[None, :], out, FIRST, LAST)
+
+
+@triton.jit
+def routed_fwd_pairs_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, perm_ptr, tok_ptr,
+                            tile_start_ptr, tile_stop_ptr, tile_key_ptr, y_ptr, h_ptr, d, r, E,
+                            ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                            DOT: tl.constexpr, PREC: tl.constexpr, STORE_H: tl.constexpr):
+    """k = 2, one tile of tokens that picked the same pair of experts (e0 <= e1, `key = e0*E + e1`):
+    each x row is gathered once and feeds both down-projections; both up-projections and gated
+    biases are summed in registers and stored once to `y (T, d)` in y's dtype (no running sum in
+    memory, no atomics). `tok (T,)`: token-sorted-by-key position -> token; `gates (T, 2)` and
+    `perm (T, 2)` are in sorted-id order per token (perm = the original slot of each); h rows
+    t*2 + perm are stored as the slot kernel stores them."""
+    pid = tl.program_id(0)
+    start = tl.load(tile_start_ptr + pid)
+    stop = tl.load(tile_stop_ptr + pid)
+    if start >= stop:             # a padding tile (the grid is sized for every possible pair)
+        return
+    key = tl.load(tile_key_ptr + pid).to(tl.int64)
+    e0 = key // E
+    e1 = key % E
+    pos = start + tl.arange(0, BM).to(tl.int64)
+    mrow = pos < stop
+    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+    g0 = tl.load(gates_ptr + tok * 2, mask=mrow, other=0.0).to(tl.float32)
+    g1 = tl.load(gates_ptr + tok * 2 + 1, mask=mrow, other=0.0).to(tl.float32)
+    offr = tl.arange(0, BR)
+    mr = offr < r
+    acc0 = tl.zeros((BM, BR), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, d, BD):
+        offk = k0 + tl.arange(0, BD)
+        mk = offk < d
+        xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0).to(DOT)
+        wmask = mk[:, None] & mr[None, :]
+        w0 = tl.load(wd_ptr + e0 * d * r + offk[:, None] * r + offr[None, :], mask=wmask, other=0.0)
+        w1 = tl.load(wd_ptr + e1 * d * r + offk[:, None] * r + offr[None, :], mask=wmask, other=0.0)
+        acc0 = tl.dot(xt, w0.to(DOT), acc0, input_precision=PREC)
+        acc1 = tl.dot(xt, w1.to(DOT), acc1, input_precision=PREC)
+    h0 = acc0 + tl.load(bd_ptr + e0 * r + offr, mask=mr, other=0.0).to(tl.float32)[None, :]
+    h1 = acc1 + tl.load(bd_ptr + e1 * r + offr, mask=mr, other=0.0).to(tl.float32)[None, :]
+    if STORE_H:
+        hmask = mrow[:, None] & mr[None, :]
+        flat0 = tok * 2 + tl.load(perm_ptr + tok * 2, mask=mrow, other=0)
+        flat1 = tok * 2 + tl.load(perm_ptr + tok * 2 + 1, mask=mrow, other=0)
+        tl.store(h_ptr + flat0[:, None] * r + offr[None, :], h0, mask=hmask)
+        tl.store(h_ptr + flat1[:, None] * r + offr[None, :], h1, mask=hmask)
+    a0 = (_act(h0, ACT) * g0[:, None]).to(DOT)
+    a1 = (_act(h1, ACT) * g1[:, None]).to(DOT)
+    for n0 in range(0, d, BD):
+        offn = n0 + tl.arange(0, BD)
+        mn = offn < d
+        umask = mr[:, None] & mn[None, :]
+        u0 = tl.load(wu_ptr + e0 * r * d + offr[:, None] * d + offn[None, :], mask=umask, other=0.0)
+        u1 = tl.load(wu_ptr + e1 * r * d + offr[:, None] * d + offn[None, :], mask=umask, other=0.0)
+        out = tl.dot(a1, u1.to(DOT), tl.dot(a0, u0.to(DOT), input_precision=PREC), input_precision=PREC)
+        bu0 = tl.load(bu_ptr + e0 * d + offn, mask=mn, other=0.0).to(tl.float32)
+        bu1 = tl.load(bu_ptr + e1 * d + offn, mask=mn, other=0.0).to(tl.float32)
+        out = out + g0[:, None] * bu0[None, :] + g1[:, None] * bu1[None, :]
+        tl.store(y_ptr + tok[:, None] * d + offn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=mrow[:, None] & mn[None, :])
 
 
 @triton.jit
@@ -135,7 +196,7 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr
         bu = tl.load(bu_ptr + e * d + offn, mask=mn, other=0.0).to(tl.float32)
         bias_dot += tl.sum(dyt.to(tl.float32) * bu[None, :], axis=1)
     hmask = mrow[:, None] & mr[None, :]
-    h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=hmask, other=0.0)
+    h = tl.load(h_ptr + flat[:, None] * r + offr[None, :], mask=hmask, other=0.0)
     dg = tl.sum(_act(h, ACT) * p, axis=1) + bias_dot
     tl.store(dgates_ptr + flat, dg, mask=mrow)
     dh = _act_grad(h, ACT) * g[:, None] * p
@@ -212,7 +273,7 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gates_ptr, order_ptr, h_ptr, dh_ptr,
                 pos, mrow, flat, tok = _share_rows(order_ptr, n_slots, m0, hi, BM)
                 g = tl.load(gates_ptr + flat, mask=mrow, other=0.0).to(tl.float32)
                 dyt = tl.load(dy_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
-                h = tl.load(h_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+                h = tl.load(h_ptr + flat[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
                 ga = _act(h, ACT) * g[:, None]
                 acc_wu = tl.dot(tl.trans(ga.to(DOT)), dyt.to(DOT), acc_wu, input_precision=PREC)
                 acc_bu += tl.sum(g[:, None] * dyt.to(tl.float32), axis=0)

@@ -16,9 +16,11 @@ order (r-wide, not d-wide; the activation is recomputed from them). The forward 
 when a gradient will be taken (`save_h`). The backward writes dH `(N, r)` fp32 once and reads it
 in the weight kernel. Nothing `(N, d)` is formed.
 
-Combine: `y` and `dx` come from k slot passes (`_slot_passes`; kernels.py): each token occurs once
-per pass, so rows are combined without atomics in a `(T, d)` fp32 running sum (y itself when x is
-fp32), and the last pass writes x's dtype. The k additions happen in slot order, so y and dx are
+Forward kinds (`forward_kind`): pair tiles for k = 2 at small E (tokens grouped by their two
+experts, x read once, y written once) or slot passes. Combine: `dx`, and `y` of the slot-pass
+forward, come from k slot passes (`_slot_passes`; kernels.py): each token occurs once per pass,
+so rows are combined without atomics in a `(T, d)` fp32 running sum (y itself when x is fp32),
+and the last pass writes x's dtype. The k additions happen in slot order, so y and dx are
 deterministic. The weight gradients are deterministic with `SPLIT = 1` (one program per (expert,
 d-block, part)) and combine row shares with atomic adds when SPLIT > 1.
 """
@@ -35,7 +37,8 @@ import triton.language as tl
 
 from ..checks import HALF_DTYPES, RoutingError, autocast_dtype, check_id_range, check_inputs, compute_dtype
 from ..torch_fast import routed_adapters_torch
-from .kernels import routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel, routed_tiles_kernel
+from .kernels import (routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel, routed_fwd_pairs_kernel,
+                      routed_tiles_kernel)
 
 ACTS = {"relu": 0, "gelu": 1}
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -58,7 +61,7 @@ class Blocks:
     num_stages: int = 3
 
 
-KERNELS = ("fwd", "bwd_token", "bwd_weight")
+KERNELS = ("fwd", "fwd_pairs", "bwd_token", "bwd_weight")
 _OVERRIDES: dict[str, dict[str, int]] = {}
 
 
@@ -70,14 +73,18 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     Chosen so that none of the kernels spills registers on sm_90 at DM-Adapter's shapes in fp32,
     fp16 and bf16, relu and gelu (`compile_report`, tests/test_kernels_compile.py): the backward
     kernels hold two (BM, BR)-sized fp32 tiles at once and get 8 warps; fp32 dots (FMA or TF32)
-    take 8 warps and BD = 32, and the fp32 weight kernel BM = 32 (its slot loop spilled 32 B at
-    the text shape with relu at BM = 64)."""
+    take 8 warps and BD = 32; the weight kernel gets BM = 32 (at 64 it spilled 32 B in fp32 at the
+    text shape, and 76 B in bf16 at the vision shape once h is read by flat index), and the fp32
+    token backward BD = 16 (12-16 B at 32, text shape). The pair-tile forward holds two (BM, BR) accumulators:
+    8 warps (4 spilled 120-520 B in bf16 at the vision shape), and BM = 32 in fp32 (16 B at 64)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
     half = dtype in HALF_DTYPES
-    bd = max(16, min(64 if br <= 128 and half else 32, triton.next_power_of_2(d)))
-    bm = 16 if interpreting() else (64 if br <= 128 and (half or kernel != "bwd_weight") else 32)
+    widest = 64 if br <= 128 and half else (16 if kernel == "bwd_token" and not half else 32)
+    bd = max(16, min(widest, triton.next_power_of_2(d)))
+    small = br > 128 or kernel == "bwd_weight" or (kernel == "fwd_pairs" and not half)
+    bm = 16 if interpreting() else (32 if small else 64)
     warps = 4 if half and kernel == "fwd" else 8
     cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps), **_OVERRIDES.get(kernel, {}))
     sizes = (cfg.BM, cfg.BR, cfg.BD)
@@ -142,6 +149,12 @@ def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int) -> torch.Tenso
     return out
 
 
+def _check_ids(expert_ids: torch.Tensor, E: int) -> None:
+    """RoutingError unless every id lies in [0, E): one small host transfer (the smallest and largest)."""
+    lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()
+    check_id_range(lo, hi, E)
+
+
 def _plan(expert_ids: torch.Tensor, E: int, check_ids: bool = True):
     """order `(N,)` (sorted position -> flat index t*k+j) and bounds `(k*E+1,)`: the assignments sorted
     by (slot j, expert), so slot j's run of expert e is `bounds[j*E+e]:bounds[j*E+e+1]`, inside
@@ -150,12 +163,54 @@ def _plan(expert_ids: torch.Tensor, E: int, check_ids: bool = True):
     all stay in bounds (tokens from `order`, experts from the clamped tile tables), the values do not."""
     k = expert_ids.shape[1]
     if check_ids:
-        lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()
-        check_id_range(lo, hi, E)
+        _check_ids(expert_ids, E)
     keys = expert_ids + torch.arange(0, k * E, E, device=expert_ids.device, dtype=expert_ids.dtype)   # (T, k)
     keys, order = torch.sort(keys.reshape(-1), stable=True)
     bounds = torch.searchsorted(keys, torch.arange(k * E + 1, device=keys.device, dtype=keys.dtype))
     return order, bounds
+
+
+FORWARD_ENV = "PETL_TPR_MOA_FORWARD"
+FORWARD_KINDS = ("auto", "pairs", "slots")
+_FORWARD: list[str] = []          # forward_override's stack
+
+
+def forward_kind(T: int, k: int, E: int, bm: int) -> str:
+    """"pairs" or "slots": how the forward runs at these sizes. Pair tiles (k = 2 only) read each x
+    row once and write y once, but every possible expert pair gets its own run of tiles, so they
+    are picked under "auto" only while the E(E+1)/2 pairs add at most a quarter to the
+    cdiv(T, BM) tiles. `forward_override` or `$PETL_TPR_MOA_FORWARD` (auto, pairs, slots) force
+    one; "pairs" with k != 2 runs slot passes."""
+    mode = _FORWARD[-1] if _FORWARD else (os.environ.get(FORWARD_ENV, "").strip().lower() or "auto")
+    if mode not in FORWARD_KINDS:
+        raise RoutingError(f"${FORWARD_ENV} must be one of {FORWARD_KINDS}, got {mode!r}")
+    if k != 2 or mode == "slots":
+        return "slots"
+    return "pairs" if mode == "pairs" or 4 * (E * (E + 1) // 2) <= triton.cdiv(T, bm) else "slots"
+
+
+@contextlib.contextmanager
+def forward_override(mode: str):
+    """Within the block the forward runs as `mode` (one of FORWARD_KINDS), e.g. to time both."""
+    if mode not in FORWARD_KINDS:
+        raise ValueError(f"mode must be one of {FORWARD_KINDS}, got {mode!r}")
+    _FORWARD.append(mode)
+    try:
+        yield
+    finally:
+        _FORWARD.pop()
+
+
+def _pair_plan(expert_ids: torch.Tensor, gates: torch.Tensor, E: int, bm: int, check_ids: bool):
+    """k = 2: tokens sorted by their expert pair `key = e0*E + e1` (e0 <= e1): tok `(T,)` (sorted
+    position -> token), the gates `(T, 2)` and original slots `perm (T, 2)` in per-token id order,
+    and the tile tables `(3, 1, cdiv(T, bm) + E*E)` over the E*E keys (most pairs' runs are empty)."""
+    if check_ids:
+        _check_ids(expert_ids, E)
+    ids, perm = torch.sort(expert_ids, dim=1, stable=True)
+    keys, tok = torch.sort(ids[:, 0] * E + ids[:, 1], stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(E * E + 1, device=keys.device, dtype=keys.dtype))
+    return tok, gates.gather(1, perm), perm, _tiles(bounds, expert_ids.shape[0], 1, E * E, bm)
 
 
 def _slot_passes(kernel, tables: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, *, before: tuple, after: tuple, **meta) -> None:
@@ -177,10 +232,11 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
                    b_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, activation: str,
                    save_h: bool = True, check_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                          torch.Tensor]:
-    """y `(T, d)` in x's dtype, h `(N, r)` fp32 sorted pre-activations (`(0, r)` unless `save_h`; the
-    backward needs them), order `(N,)`, bounds `(k*E+1,)`. All float inputs share one dtype (fp32,
-    fp16 or bf16) and are contiguous. `check_ids=False` skips the id-range check and its host
-    transfer: no host synchronisation at all."""
+    """y `(T, d)` in x's dtype, and what the backward needs when `save_h` (else empty): h `(N, r)` fp32
+    pre-activations (row t*k+j), the slot plan's order `(N,)` and bounds `(k*E+1,)`. All float
+    inputs share one dtype (fp32, fp16 or bf16) and are contiguous. `check_ids=False` skips the
+    id-range check and its host transfer: no host synchronisation at all. The forward runs as pair
+    tiles or slot passes (`forward_kind`)."""
     T, d = x.shape
     E, _, r = w_down.shape
     k = expert_ids.shape[1]
@@ -188,19 +244,31 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     cfg = blocks("fwd", d, r, x.dtype)
     h = torch.empty(n if save_h else 0, r, dtype=torch.float32, device=x.device)
     if n == 0:
-        return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1)
+        return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1 if save_h else 0)
     y = torch.empty_like(x)
+    meta = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h, **asdict(cfg))
+    pair_cfg = blocks("fwd_pairs", d, r, x.dtype)
+    if forward_kind(T, k, E, pair_cfg.BM) == "pairs":
+        meta.update(asdict(pair_cfg))
+        tok, sorted_gates, perm, tables = _pair_plan(expert_ids, gates, E, pair_cfg.BM, check_ids)
+        _launch(routed_fwd_pairs_kernel, (tables.shape[2],), x, w_down, b_down, w_up, b_up, sorted_gates, perm, tok,
+                *tables[:, 0], y, h if save_h else y, d, r, E, **meta)
+        if not save_h:
+            return y, h, expert_ids.new_empty(0), expert_ids.new_empty(0)
+        order, bounds = _plan(expert_ids, E, check_ids=False)   # the backward's slot plan (ids checked above)
+        return y, h, order, bounds
     order, bounds = _plan(expert_ids, E, check_ids)
     _slot_passes(routed_fwd_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(y, k), y,
-                 before=(x, w_down, b_down, w_up, b_up, gates, order), after=(h if save_h else y, d, r, k), ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h,
-                 **asdict(cfg))
-    return y, h, order, bounds
+                 before=(x, w_down, b_down, w_up, b_up, gates, order), after=(h if save_h else y, d, r, k), **meta)
+    return (y, h, order, bounds) if save_h else (y, h, order[:0], bounds[:0])
 
 
 @moa_routed_fwd.register_fake
 def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, save_h=True, check_ids=True):
     n, r, E, k = expert_ids.numel(), w_down.shape[2], w_down.shape[0], expert_ids.shape[1]
-    return (x.new_empty(x.shape), x.new_empty(n if save_h else 0, r, dtype=torch.float32), expert_ids.new_empty(n),
+    if not save_h:
+        return x.new_empty(x.shape), x.new_empty(0, r, dtype=torch.float32), *(expert_ids.new_empty(0),) * 2
+    return (x.new_empty(x.shape), x.new_empty(n, r, dtype=torch.float32), expert_ids.new_empty(n),
             expert_ids.new_empty(k * E + 1))
 
 
