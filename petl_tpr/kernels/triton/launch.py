@@ -260,7 +260,7 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     order, bounds = _plan(expert_ids, E, check_ids)
     _slot_passes(routed_fwd_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(y, k), y,
                  before=(x, w_down, b_down, w_up, b_up, gates, order), after=(h if save_h else y, d, r, k), **meta)
-    return (y, h, order, bounds) if save_h else (y, h, order[:0], bounds[:0])
+    return (y, h, order, bounds) if save_h else (y, h, expert_ids.new_empty(0), expert_ids.new_empty(0))
 
 
 @moa_routed_fwd.register_fake
