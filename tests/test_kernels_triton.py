@@ -294,14 +294,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(37, 70, 20, 5, 2), (4000, 768, 96, 6, 2), (2000, 512, 64, 64, 2)])
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_cuda_matches_reference(dtype, shape, activation):
+@pytest.mark.parametrize("activation, forward", [("relu", "auto"), ("gelu", "auto"), ("gelu", "pairs")])
+def test_cuda_matches_reference(dtype, shape, activation, forward):
     from test_kernels_routed import grads, make_case
 
     from petl_tpr.kernels import routed_adapters_reference
-    from petl_tpr.kernels.triton import routed_adapters_triton
+    from petl_tpr.kernels.triton import launch, routed_adapters_triton
     case = [t.cuda() for t in make_case(*shape, dtype=getattr(torch, dtype))]
-    got, want = grads(routed_adapters_triton, case, activation), grads(routed_adapters_reference, case, activation)
+    with launch.forward_override(forward):
+        got = grads(routed_adapters_triton, case, activation)
+    want = grads(routed_adapters_reference, case, activation)
     tol = 10 * TOL[dtype] if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else TOL[dtype]
     for name, a, b in zip(GRAD_NAMES, [got[0], *got[1]], [want[0], *want[1]]):
         scale = max(1.0, float(b.double().abs().max()))
@@ -311,15 +313,18 @@ def test_cuda_matches_reference(dtype, shape, activation):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("forward", ["pairs", "slots"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_y_and_dx_are_deterministic(dtype):
-    """y and dx come from ordered slot passes (no atomics), so two runs agree bit for bit; the weight
-    gradients combine row shares atomically on the GPU and are only compared to the reference."""
+def test_cuda_y_and_dx_are_deterministic(dtype, forward):
+    """y (one store per token, or ordered slot passes) and dx (ordered slot passes) use no atomics, so
+    two runs agree bit for bit; the weight gradients combine row shares atomically on the GPU and
+    are only compared to the reference."""
     from test_kernels_routed import grads, make_case
 
-    from petl_tpr.kernels.triton import routed_adapters_triton
+    from petl_tpr.kernels.triton import launch, routed_adapters_triton
     case = [t.cuda() for t in make_case(4000, 768, 96, 6, 2, dtype=getattr(torch, dtype))]
-    first, second = grads(routed_adapters_triton, case, "gelu"), grads(routed_adapters_triton, case, "gelu")
+    with launch.forward_override(forward):
+        first, second = grads(routed_adapters_triton, case, "gelu"), grads(routed_adapters_triton, case, "gelu")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1][0], second[1][0])
 
 
