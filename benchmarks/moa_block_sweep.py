@@ -69,7 +69,8 @@ def static_sweep(arch: int, shapes: list[str], dtypes: list[str], candidates: li
     return rows
 
 
-_FORWARD = {"fwd": "slots", "fwd_pairs": "pairs"}     # the forward kind that launches each forward kernel
+# the forward kind (pair tiles or slot passes, which also sets the token backward's) that launches each kernel
+_FORWARD = {"fwd": "slots", "fwd_pairs": "pairs", "bwd_token": "slots", "bwd_token_pairs": "pairs"}
 
 
 def _op_call(kernel: str, shape: str, dtype: str, device: str):
@@ -78,14 +79,18 @@ def _op_call(kernel: str, shape: str, dtype: str, device: str):
 
     x, ids, gates, w_down, b_down, w_up, b_up = [t.detach() for t in make_inputs(
         **compile_report.SHAPES[shape], device=torch.device(device), dtype=compile_report.DTYPES[dtype])]
-    if kernel in _FORWARD:
+    if kernel.startswith("fwd"):
         def forward():
             with launch.forward_override(_FORWARD[kernel]):
                 return launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
         return forward
     _, h, order, bounds = launch.moa_routed_fwd(x, ids, gates, w_down, b_down, w_up, b_up, "relu")
     dy = torch.randn_like(x)
-    return lambda: launch.moa_routed_bwd(dy, x, ids, gates, w_down, w_up, b_up, h, order, bounds, "relu")
+
+    def backward():
+        with launch.forward_override(_FORWARD.get(kernel, "auto")):
+            return launch.moa_routed_bwd(dy, x, ids, gates, w_down, w_up, b_up, h, order, bounds, "relu")
+    return backward
 
 
 def timed_sweep(device: str, shapes: list[str], dtypes: list[str], candidates: list[dict], skip: set,

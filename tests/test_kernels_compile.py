@@ -21,15 +21,17 @@ pytestmark = pytest.mark.skipif(interpreting(), reason="TRITON_INTERPRET=1 repla
 H100 = compile_report.ARCHS[90]
 
 
-PICKED = [("routed_fwd_pairs_kernel", "pairs"), ("routed_bwd_token_kernel", "first"),
-          ("routed_bwd_token_kernel", "last"), ("routed_bwd_weight_kernel", "")]   # E = 6, k = 2: pair-tile forward
-SLOT_FORWARD = [("routed_fwd_kernel", "first"), ("routed_fwd_kernel", "last")]    # k = 2 slot passes
+PICKED = [("routed_fwd_pairs_kernel", "pairs"), ("routed_bwd_token_pairs_kernel", "pairs"),
+          ("routed_bwd_weight_kernel", "")]                                       # E = 6, k = 2: pair tiles
+SLOT_FORWARD = [("routed_fwd_kernel", "first"), ("routed_fwd_kernel", "last"), ("routed_bwd_token_kernel", "first"),
+                ("routed_bwd_token_kernel", "last")]                              # k = 2 slot passes
 
 
 def _kernels(shape, dtype, activation="relu"):
-    """What the launcher picks at the shape, then the slot-pass forward forced."""
+    """What the launcher picks at the shape, then the slot-pass kernels forced."""
     return (compile_report.kernel_stats(shape, dtype, activation, arch=90)
-            + compile_report.kernel_stats(shape, dtype, activation, arch=90, kernels=("fwd",), forward="slots"))
+            + compile_report.kernel_stats(shape, dtype, activation, arch=90, kernels=("fwd", "bwd_token"),
+                                          forward="slots"))
 
 
 def _check_hopper_ready(rows, dtype):
@@ -83,7 +85,7 @@ def test_fp32_follows_torch_tf32_flag():
 def test_tile_table_kernel_compiles_for_sm90():
     rows = compile_report.kernel_stats("vision", "bfloat16", arch=90, kernels=("plan",))
     assert [row.kernel for row in rows] == ["routed_tiles_kernel"] * 2          # before the forward, the backward
-    assert [row.grid for row in rows] == [[1], [2]]                           # the pair plan, the k = 2 slot plan
+    assert [row.grid for row in rows] == [[1], [1]]                           # the pair plans (one program)
     assert all(row.spill_bytes == 0 and not row.atomics for row in rows), rows
 
 
@@ -222,10 +224,12 @@ def test_launcher_issues_few_small_ops(dtype):
                             "routed_bwd_weight_kernel"]
     unchecked, _, _, _ = _device_work(dtype, check_ids=False)        # the MoA layer's call: top-k ids
     assert unchecked == fwd_ops - Counter(aminmax=1, stack=1), unchecked   # no id check, no host transfer
-    pair_ops, pair_bwd, pair_launches, _ = _device_work(dtype, forward="pairs")
-    assert pair_launches == ["routed_tiles_kernel", "routed_fwd_pairs_kernel"] and pair_bwd == bwd_ops
+    pair_ops, pair_bwd, pair_launches, pair_bwd_launches = _device_work(dtype, forward="pairs")
+    assert pair_launches == ["routed_tiles_kernel", "routed_fwd_pairs_kernel"]
+    assert pair_bwd_launches == ["routed_tiles_kernel", "routed_bwd_token_pairs_kernel", "routed_bwd_weight_kernel"]
     # + the pair plan (sort per token, keys, sort, searchsorted, gates in id order) next to the slot plan
     assert sum(pair_ops.values()) <= sum(fwd_ops.values()) + 7, pair_ops
+    assert sum(pair_bwd.values()) <= sum(bwd_ops.values()) + 7, pair_bwd
     assert fwd_ops["sort"] == 1 and fwd_ops["searchsorted"] == 1
     assert sum(fwd_ops.values()) <= 7, fwd_ops          # aminmax, stack (+ the id check's copy), arange x2, add, ...
     casts = 5 if dtype == torch.bfloat16 else 0            # fp32 weight-gradient buffers back to the weights' dtype

@@ -249,7 +249,7 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
                                overrides=overrides, forward=forward)
     names = {launch.routed_fwd_kernel: "fwd", launch.routed_bwd_token_kernel: "bwd_token",
              launch.routed_bwd_weight_kernel: "bwd_weight", launch.routed_tiles_kernel: "plan",
-             launch.routed_fwd_pairs_kernel: "fwd_pairs"}
+             launch.routed_fwd_pairs_kernel: "fwd_pairs", launch.routed_bwd_token_pairs_kernel: "bwd_token_pairs"}
     for rec in recorded:
         if names[rec.kernel] not in kernels:
             continue
@@ -262,7 +262,7 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
         constants = {key: str(value) for key, value in rec.meta.items()}
         programs = math.prod(rec.grid)
         rows.append(KernelStats(
-            kernel=rec.kernel.fn.__name__, variant=pass_name(rec.meta) or ("pairs" if names[rec.kernel] == "fwd_pairs" else ""),
+            kernel=rec.kernel.fn.__name__, variant=pass_name(rec.meta) or ("pairs" if names[rec.kernel].endswith("_pairs") else ""),
             shape=shape, dtype=dtype, activation=activation, arch=arch,
             constants=constants, grid=list(rec.grid), num_warps=warps, num_stages=stages, registers=res["registers"],
             spill_bytes=res["spill_stores"], spill_load_bytes=res["spill_loads"], stack_bytes=res["stack"],
@@ -275,7 +275,7 @@ def kernel_stats(shape: str, dtype: str, activation: str = "relu", arch: int = 9
 def report(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), activations=("relu",), arch: int = 90,
            progress=None) -> dict:
     """{"arch", "part", "triton", "kernels": [KernelStats as dicts]} over the given matrix: the kernels
-    the launcher picks (`forward="auto"`), then the slot-pass forward where auto picked pair tiles."""
+    the launcher picks (`forward="auto"`), then the slot-pass kernels where auto picked pair tiles."""
     kernels = []
     for shape in shapes:
         for dtype in dtypes:
@@ -284,7 +284,7 @@ def report(shapes=tuple(SHAPES), dtypes=tuple(DTYPES), activations=("relu",), ar
                     progress(f"compiling {shape} {dtype} {activation} for sm_{arch}")
                 rows = kernel_stats(shape, dtype, activation, arch)
                 if any(row.variant == "pairs" for row in rows):
-                    rows += kernel_stats(shape, dtype, activation, arch, kernels=("fwd",), forward="slots")
+                    rows += kernel_stats(shape, dtype, activation, arch, kernels=("fwd", "bwd_token"), forward="slots")
                 kernels += [asdict(row) for row in rows]
     return {"arch": arch, "part": ARCHS[arch].part, "triton": triton.__version__, "kernels": kernels}
 

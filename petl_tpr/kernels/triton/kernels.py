@@ -114,6 +114,29 @@ def routed_fwd_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, order_pt
 
 
 @triton.jit
+def _two_blocks(ptr, e0, e1, stride, offs, mask):
+    """The same block (offsets `offs` within one expert's matrix) of experts e0 and e1."""
+    return (tl.load(ptr + e0 * stride + offs, mask=mask, other=0.0),
+            tl.load(ptr + e1 * stride + offs, mask=mask, other=0.0))
+
+
+@triton.jit
+def _pair_rows(tile_key_ptr, tok_ptr, gates_ptr, perm_ptr, start, stop, E, r, BM: tl.constexpr, BR: tl.constexpr):
+    """A pair tile's experts e0 <= e1 (from its key e0*E + e1), row mask, token ids, fp32 gates of
+    both picks, their flat indices t*2 + original slot, and the bottleneck offsets with their mask."""
+    key = tl.load(tile_key_ptr + tl.program_id(0)).to(tl.int64)
+    pos = start + tl.arange(0, BM).to(tl.int64)
+    mrow = pos < stop
+    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
+    g0 = tl.load(gates_ptr + tok * 2, mask=mrow, other=0.0).to(tl.float32)
+    g1 = tl.load(gates_ptr + tok * 2 + 1, mask=mrow, other=0.0).to(tl.float32)
+    flat0 = tok * 2 + tl.load(perm_ptr + tok * 2, mask=mrow, other=0)
+    flat1 = tok * 2 + tl.load(perm_ptr + tok * 2 + 1, mask=mrow, other=0)
+    offr = tl.arange(0, BR)
+    return key // E, key % E, mrow, tok, g0, g1, flat0, flat1, offr, offr < r
+
+
+@triton.jit
 def routed_fwd_pairs_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, perm_ptr, tok_ptr,
                             tile_start_ptr, tile_stop_ptr, tile_key_ptr, y_ptr, h_ptr, d, r, E,
                             ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
@@ -124,38 +147,25 @@ def routed_fwd_pairs_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, pe
     memory, no atomics). `tok (T,)`: token-sorted-by-key position -> token; `gates (T, 2)` and
     `perm (T, 2)` are in sorted-id order per token (perm = the original slot of each); h rows
     t*2 + perm are stored as the slot kernel stores them."""
-    pid = tl.program_id(0)
-    start = tl.load(tile_start_ptr + pid)
-    stop = tl.load(tile_stop_ptr + pid)
+    start = tl.load(tile_start_ptr + tl.program_id(0))
+    stop = tl.load(tile_stop_ptr + tl.program_id(0))
     if start >= stop:             # a padding tile (the grid is sized for every possible pair)
         return
-    key = tl.load(tile_key_ptr + pid).to(tl.int64)
-    e0 = key // E
-    e1 = key % E
-    pos = start + tl.arange(0, BM).to(tl.int64)
-    mrow = pos < stop
-    tok = tl.load(tok_ptr + pos, mask=mrow, other=0)
-    g0 = tl.load(gates_ptr + tok * 2, mask=mrow, other=0.0).to(tl.float32)
-    g1 = tl.load(gates_ptr + tok * 2 + 1, mask=mrow, other=0.0).to(tl.float32)
-    offr = tl.arange(0, BR)
-    mr = offr < r
+    e0, e1, mrow, tok, g0, g1, flat0, flat1, offr, mr = _pair_rows(tile_key_ptr, tok_ptr, gates_ptr, perm_ptr, start,
+                                                                   stop, E, r, BM, BR)
     acc0 = tl.zeros((BM, BR), dtype=tl.float32)
     acc1 = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, d, BD):
         offk = k0 + tl.arange(0, BD)
         mk = offk < d
         xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0).to(DOT)
-        wmask = mk[:, None] & mr[None, :]
-        w0 = tl.load(wd_ptr + e0 * d * r + offk[:, None] * r + offr[None, :], mask=wmask, other=0.0)
-        w1 = tl.load(wd_ptr + e1 * d * r + offk[:, None] * r + offr[None, :], mask=wmask, other=0.0)
+        w0, w1 = _two_blocks(wd_ptr, e0, e1, d * r, offk[:, None] * r + offr[None, :], mk[:, None] & mr[None, :])
         acc0 = tl.dot(xt, w0.to(DOT), acc0, input_precision=PREC)
         acc1 = tl.dot(xt, w1.to(DOT), acc1, input_precision=PREC)
     h0 = acc0 + tl.load(bd_ptr + e0 * r + offr, mask=mr, other=0.0).to(tl.float32)[None, :]
     h1 = acc1 + tl.load(bd_ptr + e1 * r + offr, mask=mr, other=0.0).to(tl.float32)[None, :]
     if STORE_H:
         hmask = mrow[:, None] & mr[None, :]
-        flat0 = tok * 2 + tl.load(perm_ptr + tok * 2, mask=mrow, other=0)
-        flat1 = tok * 2 + tl.load(perm_ptr + tok * 2 + 1, mask=mrow, other=0)
         tl.store(h_ptr + flat0[:, None] * r + offr[None, :], h0, mask=hmask)
         tl.store(h_ptr + flat1[:, None] * r + offr[None, :], h1, mask=hmask)
     a0 = (_act(h0, ACT) * g0[:, None]).to(DOT)
@@ -163,9 +173,7 @@ def routed_fwd_pairs_kernel(x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gates_ptr, pe
     for n0 in range(0, d, BD):
         offn = n0 + tl.arange(0, BD)
         mn = offn < d
-        umask = mr[:, None] & mn[None, :]
-        u0 = tl.load(wu_ptr + e0 * r * d + offr[:, None] * d + offn[None, :], mask=umask, other=0.0)
-        u1 = tl.load(wu_ptr + e1 * r * d + offr[:, None] * d + offn[None, :], mask=umask, other=0.0)
+        u0, u1 = _two_blocks(wu_ptr, e0, e1, r * d, offr[:, None] * d + offn[None, :], mr[:, None] & mn[None, :])
         out = tl.dot(a1, u1.to(DOT), tl.dot(a0, u0.to(DOT), input_precision=PREC), input_precision=PREC)
         bu0 = tl.load(bu_ptr + e0 * d + offn, mask=mn, other=0.0).to(tl.float32)
         bu1 = tl.load(bu_ptr + e1 * d + offn, mask=mn, other=0.0).to(tl.float32)
@@ -181,7 +189,7 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr
                             DOT: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
     """One tile of one expert in one slot pass: `P = dy_rows W_up^T`, dgate = <act(h), P> +
     <dy_rows, b_up> (stored at the flat assignment index), `dH = act'(h) g P` (stored to `dh (N, r)`
-    fp32 for the weight kernel), `dH W_down^T` combined into row `tok` of `acc (T, d)` fp32 /
+    fp32, row t*k+j, for the weight kernel), `dH W_down^T` combined into row `tok` of `acc (T, d)` fp32 /
     `dx (T, d)` (`_combine`)."""
     e, pos, mrow, flat, tok, g, offr, mr = _tile_rows(tile_start_ptr, tile_stop_ptr, tile_expert_ptr, order_ptr,
                                                       gates_ptr, n_slots, r, BM, BR)
@@ -200,7 +208,7 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr
     dg = tl.sum(_act(h, ACT) * p, axis=1) + bias_dot
     tl.store(dgates_ptr + flat, dg, mask=mrow)
     dh = _act_grad(h, ACT) * g[:, None] * p
-    tl.store(dh_ptr + pos[:, None] * r + offr[None, :], dh, mask=hmask)
+    tl.store(dh_ptr + flat[:, None] * r + offr[None, :], dh, mask=hmask)
     dh_op = dh.to(DOT)
     for k0 in range(0, d, BD):
         offk = k0 + tl.arange(0, BD)
@@ -208,6 +216,61 @@ def routed_bwd_token_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, order_ptr
         w = tl.load(wd_ptr + e * d * r + offk[:, None] * r + offr[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
         dxt = tl.dot(dh_op, tl.trans(w.to(DOT)), input_precision=PREC)
         _combine(acc_ptr, dx_ptr, tok[:, None] * d + offk[None, :], mrow[:, None] & mk[None, :], dxt, FIRST, LAST)
+
+
+@triton.jit
+def _pick_grads(h_ptr, dgates_ptr, dh_ptr, flat, hmask, mrow, offr, r, p, g, bias, ACT: tl.constexpr,
+                DOT: tl.constexpr):
+    """One pick of a pair tile: load h (flat rows), store dgate = <act(h), P> + <dy, b_up> and
+    dH = act'(h) g P (fp32, flat rows); return dH as a `DOT` operand. One pick at a time keeps
+    one h tile live (two spilled at the vision shape with gelu)."""
+    h = tl.load(h_ptr + flat[:, None] * r + offr[None, :], mask=hmask, other=0.0)
+    tl.store(dgates_ptr + flat, tl.sum(_act(h, ACT) * p, axis=1) + bias, mask=mrow)
+    dh = _act_grad(h, ACT) * g[:, None] * p
+    tl.store(dh_ptr + flat[:, None] * r + offr[None, :], dh, mask=hmask)
+    return dh.to(DOT)
+
+
+@triton.jit
+def routed_bwd_token_pairs_kernel(dy_ptr, wd_ptr, wu_ptr, bu_ptr, gates_ptr, perm_ptr, tok_ptr, h_ptr,
+                                  tile_start_ptr, tile_stop_ptr, tile_key_ptr, dx_ptr, dgates_ptr, dh_ptr, d, r, E,
+                                  ACT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                                  DOT: tl.constexpr, PREC: tl.constexpr):
+    """k = 2, one tile of tokens with the same expert pair (the forward's pair tiles): each dy row is
+    gathered once for `P_j = dy W_up[e_j]^T`; dgate_j and `dH_j = act'(h_j) g_j P_j` go to the flat
+    rows t*2 + perm_j of dgates / dh, and `dx = dH_0 W_down[e0]^T + dH_1 W_down[e1]^T` is summed in
+    registers and stored once in dx's dtype."""
+    start = tl.load(tile_start_ptr + tl.program_id(0))
+    stop = tl.load(tile_stop_ptr + tl.program_id(0))
+    if start >= stop:             # a padding tile
+        return
+    e0, e1, mrow, tok, g0, g1, flat0, flat1, offr, mr = _pair_rows(tile_key_ptr, tok_ptr, gates_ptr, perm_ptr, start,
+                                                                   stop, E, r, BM, BR)
+    p0 = tl.zeros((BM, BR), dtype=tl.float32)
+    p1 = tl.zeros((BM, BR), dtype=tl.float32)
+    bias0 = tl.zeros((BM,), dtype=tl.float32)
+    bias1 = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, d, BD):
+        offn = n0 + tl.arange(0, BD)
+        mn = offn < d
+        dyt = tl.load(dy_ptr + tok[:, None] * d + offn[None, :], mask=mrow[:, None] & mn[None, :], other=0.0)
+        u0, u1 = _two_blocks(wu_ptr, e0, e1, r * d, offr[:, None] * d + offn[None, :], mr[:, None] & mn[None, :])
+        p0 = tl.dot(dyt.to(DOT), tl.trans(u0.to(DOT)), p0, input_precision=PREC)
+        p1 = tl.dot(dyt.to(DOT), tl.trans(u1.to(DOT)), p1, input_precision=PREC)
+        dyf = dyt.to(tl.float32)
+        bias0 += tl.sum(dyf * tl.load(bu_ptr + e0 * d + offn, mask=mn, other=0.0).to(tl.float32)[None, :], axis=1)
+        bias1 += tl.sum(dyf * tl.load(bu_ptr + e1 * d + offn, mask=mn, other=0.0).to(tl.float32)[None, :], axis=1)
+    hmask = mrow[:, None] & mr[None, :]
+    dh0_op = _pick_grads(h_ptr, dgates_ptr, dh_ptr, flat0, hmask, mrow, offr, r, p0, g0, bias0, ACT, DOT)
+    dh1_op = _pick_grads(h_ptr, dgates_ptr, dh_ptr, flat1, hmask, mrow, offr, r, p1, g1, bias1, ACT, DOT)
+    for k0 in range(0, d, BD):
+        offk = k0 + tl.arange(0, BD)
+        mk = offk < d
+        w0, w1 = _two_blocks(wd_ptr, e0, e1, d * r, offk[:, None] * r + offr[None, :], mk[:, None] & mr[None, :])
+        dxt = tl.dot(dh1_op, tl.trans(w1.to(DOT)), tl.dot(dh0_op, tl.trans(w0.to(DOT)), input_precision=PREC),
+                     input_precision=PREC)
+        tl.store(dx_ptr + tok[:, None] * d + offk[None, :], dxt.to(dx_ptr.dtype.element_ty),
+                 mask=mrow[:, None] & mk[None, :])
 
 
 @triton.jit
@@ -257,7 +320,7 @@ def routed_bwd_weight_kernel(x_ptr, dy_ptr, gates_ptr, order_ptr, h_ptr, dh_ptr,
             for m0 in range(lo, hi, BM):
                 pos, mrow, flat, tok = _share_rows(order_ptr, n_slots, m0, hi, BM)
                 xt = tl.load(x_ptr + tok[:, None] * d + offk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
-                dh = tl.load(dh_ptr + pos[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+                dh = tl.load(dh_ptr + flat[:, None] * r + offr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
                 acc_wd = tl.dot(tl.trans(xt.to(DOT)), dh.to(DOT), acc_wd, input_precision=PREC)
                 acc_bd += tl.sum(dh, axis=0)
         tl.atomic_add(dwd_ptr + e * d * r + offk[:, None] * r + offr[None, :], acc_wd,

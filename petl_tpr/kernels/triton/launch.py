@@ -37,8 +37,8 @@ import triton.language as tl
 
 from ..checks import HALF_DTYPES, RoutingError, autocast_dtype, check_id_range, check_inputs, compute_dtype
 from ..torch_fast import routed_adapters_torch
-from .kernels import (routed_bwd_token_kernel, routed_bwd_weight_kernel, routed_fwd_kernel, routed_fwd_pairs_kernel,
-                      routed_tiles_kernel)
+from .kernels import (routed_bwd_token_kernel, routed_bwd_token_pairs_kernel, routed_bwd_weight_kernel,
+                      routed_fwd_kernel, routed_fwd_pairs_kernel, routed_tiles_kernel)
 
 ACTS = {"relu": 0, "gelu": 1}
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -61,7 +61,7 @@ class Blocks:
     num_stages: int = 3
 
 
-KERNELS = ("fwd", "fwd_pairs", "bwd_token", "bwd_weight")
+KERNELS = ("fwd", "fwd_pairs", "bwd_token", "bwd_token_pairs", "bwd_weight")
 _OVERRIDES: dict[str, dict[str, int]] = {}
 
 
@@ -76,17 +76,25 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     take 8 warps and BD = 32; the weight kernel gets BM = 32 (at 64 it spilled 32 B in fp32 at the
     text shape, and 76 B in bf16 at the vision shape once h is read by flat index), and the fp32
     token backward BD = 16 (12-16 B at 32, text shape). The pair-tile forward holds two (BM, BR) accumulators:
-    8 warps (4 spilled 120-520 B in bf16 at the vision shape), and BM = 32 in fp32 (16 B at 64)."""
+    8 warps (4 spilled 120-520 B in bf16 at the vision shape), and BM = 32 in fp32 (16 B at 64);
+    the pair-tile token backward (two (BM, BR) products, one pick's h at a time) 16 warps and
+    BD = 32 in fp16/bf16 (8 warps spilled 16 B with gelu at the vision shape, 16 warps at BD = 64
+    8 B; BM = 32 would lose wgmma, which needs 64 rows), BM = 32 and 2 stages in fp32 (4-12 B at
+    the text shape with 3)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
     half = dtype in HALF_DTYPES
-    widest = 64 if br <= 128 and half else (16 if kernel == "bwd_token" and not half else 32)
+    if half:
+        widest = 64 if br <= 128 and kernel != "bwd_token_pairs" else 32
+    else:
+        widest = 16 if kernel == "bwd_token" else 32
     bd = max(16, min(widest, triton.next_power_of_2(d)))
-    small = br > 128 or kernel == "bwd_weight" or (kernel == "fwd_pairs" and not half)
+    small = br > 128 or kernel == "bwd_weight" or (kernel in ("fwd_pairs", "bwd_token_pairs") and not half)
     bm = 16 if interpreting() else (32 if small else 64)
-    warps = 4 if half and kernel == "fwd" else 8
-    cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps), **_OVERRIDES.get(kernel, {}))
+    warps = 4 if half and kernel == "fwd" else (16 if half and kernel == "bwd_token_pairs" else 8)
+    stages = 2 if kernel == "bwd_token_pairs" and not half else 3
+    cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps, num_stages=stages), **_OVERRIDES.get(kernel, {}))
     sizes = (cfg.BM, cfg.BR, cfg.BD)
     if cfg.BR < r or any(size < 16 or size & (size - 1) for size in sizes):
         raise ValueError(f"{kernel} blocks {cfg}: BM, BR, BD must be powers of 2 >= 16 and BR >= r = {r}")
@@ -296,10 +304,16 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
             dy = dy.to(x.dtype)
         dh = torch.empty(n, r, **f32)
         common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
-        cfg = blocks("bwd_token", d, r, x.dtype)
-        _slot_passes(routed_bwd_token_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(dx, k), dx,
-                     before=(dy, w_down, w_up, b_up, gates, order, h), after=(dgates, dh, d, r, k), **common,
-                     **asdict(cfg))
+        pair_cfg = blocks("bwd_token_pairs", d, r, x.dtype)
+        if forward_kind(T, k, E, pair_cfg.BM) == "pairs":
+            tok, sorted_gates, perm, tables = _pair_plan(expert_ids, gates, E, pair_cfg.BM, check_ids=False)
+            _launch(routed_bwd_token_pairs_kernel, (tables.shape[2],), dy, w_down, w_up, b_up, sorted_gates, perm, tok,
+                    h, *tables[:, 0], dx, dgates, dh, d, r, E, **common, **asdict(pair_cfg))
+        else:
+            cfg = blocks("bwd_token", d, r, x.dtype)
+            _slot_passes(routed_bwd_token_kernel, _tiles(bounds, T, k, E, cfg.BM), _accumulator(dx, k), dx,
+                         before=(dy, w_down, w_up, b_up, gates, order, h), after=(dgates, dh, d, r, k), **common,
+                         **asdict(cfg))
         cfg = blocks("bwd_weight", d, r, x.dtype)
         d_blocks = triton.cdiv(d, cfg.BD)
         split = _weight_split(n, E, d_blocks, cfg.BM, _sm_count(x.device))
