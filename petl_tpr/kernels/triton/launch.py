@@ -1,28 +1,29 @@
 """Launchers, the `torch.library` custom ops and the public `routed_adapters_triton`.
 
 Layering: `routed_adapters_triton` (checks, dtype policy) -> `petl_tpr::moa_routed_fwd` custom op
-(plan + forward kernel) with `register_autograd` -> `petl_tpr::moa_routed_bwd` custom op (two
-backward kernels). Both ops have fake (meta) implementations, so torch.compile keeps them as single
+(plan + forward kernel) with `register_autograd` -> `petl_tpr::moa_routed_bwd` custom op (token
+and weight backward kernels). Both ops have fake (meta) implementations, so torch.compile keeps them as single
 graph nodes with no graph break.
 
-Plan, on the device: one stable sort of the flat ids keyed by (slot j, expert) (`order`),
-`bounds (k*E+1,)` from a searchsorted, and per slot pass the tile tables from per-expert tile
-counts, sized by the static upper bound `cdiv(T, BM) + E` tiles (padding tiles are empty), so the
-grids need no host synchronisation. The only host transfer is the smallest/largest id, for the
-`[0, E)` check (a `RoutingError`, as in the other implementations).
+Plans, on the device. Slot plan: one stable sort of the flat ids keyed by (slot j, expert)
+(`order`) and `bounds (k*E+1,)` from a searchsorted. Pair plan (k = 2): tokens sorted by their
+expert pair. Tile tables come from one small kernel (`routed_tiles_kernel`), sized by a static
+upper bound (`cdiv(T, BM)` + the number of runs; padding tiles are empty), so the grids need no
+host synchronisation. The only host transfer is the smallest/largest id, for the `[0, E)` check
+(a `RoutingError`, as in the other implementations), skipped with `check_ids=False`.
 
-Saved for the backward: x, the weights, gates, and the `(N, r)` fp32 pre-activations in sorted
-order (r-wide, not d-wide; the activation is recomputed from them). The forward stores them only
-when a gradient will be taken (`save_h`). The backward writes dH `(N, r)` fp32 once and reads it
-in the weight kernel. Nothing `(N, d)` is formed.
+Saved for the backward: x, the weights, gates, the slot plan and the `(N, r)` fp32 pre-activations
+(row t*k+j; r-wide, not d-wide; the activation is recomputed from them). The forward stores them
+only when a gradient will be taken (`save_h`). The token backward writes dH `(N, r)` fp32 once
+(row t*k+j) and the weight kernel reads it. Nothing `(N, d)` is formed.
 
-Forward kinds (`forward_kind`): pair tiles for k = 2 at small E (tokens grouped by their two
-experts, x read once, y written once) or slot passes. Combine: `dx`, and `y` of the slot-pass
-forward, come from k slot passes (`_slot_passes`; kernels.py): each token occurs once per pass,
-so rows are combined without atomics in a `(T, d)` fp32 running sum (y itself when x is fp32),
-and the last pass writes x's dtype. The k additions happen in slot order, so y and dx are
-deterministic. The weight gradients are deterministic with `SPLIT = 1` (one program per (expert,
-d-block, part)) and combine row shares with atomic adds when SPLIT > 1.
+Kinds (`forward_kind`), for the forward and, chosen the same way, the token backward: pair tiles
+for k = 2 at small E (tokens grouped by their two experts: x / dy read once, y / dx written once)
+or slot passes (`_slot_passes`; kernels.py): each token occurs once per pass, so rows are
+combined without atomics in a `(T, d)` fp32 running sum (y itself when x is fp32), and the last
+pass writes x's dtype. Either way y and dx are deterministic. The weight gradients are
+deterministic with `SPLIT = 1` (one program per (expert, d-block, part)) and combine row shares
+with atomic adds when SPLIT > 1.
 """
 
 from __future__ import annotations
