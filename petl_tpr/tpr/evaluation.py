@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .datasets import EvalSplit
-from .errors import TaskInputError
+from .errors import check_int
 from .metrics import retrieval_metrics
 from .models import DualEncoder
 from .tokenizer import ClipTokenizer
@@ -72,8 +72,7 @@ def encode_split(model: DualEncoder, split: EvalSplit, *, tokenizer: ClipTokeniz
     The model is put in eval mode for the pass and its previous mode restored. `transform` is the
     test transform (PIL -> `(3, H, W)`); `amp` runs the encoders under float16 autocast (CUDA only).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TaskInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     device = _device_of(model)
     autocast = bool(amp) and device.type == "cuda"
     loader_args = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers,

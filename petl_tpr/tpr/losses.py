@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TaskInputError
+from .errors import TaskInputError, check_int
 
 SDM_TEMPERATURE = 0.02
 SDM_EPSILON = 1e-8
@@ -71,8 +71,7 @@ class IdentityLoss(nn.Module):
     def __init__(self, *, num_ids: int, feature_dim: int = 512, init_std: float = 0.001) -> None:
         super().__init__()
         for name, value in (("num_ids", num_ids), ("feature_dim", feature_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TaskInputError(f"IdentityLoss.{name} must be a positive int, got {value!r}")
+            check_int(f"IdentityLoss.{name}", value)
         if not init_std > 0:
             raise TaskInputError(f"IdentityLoss.init_std must be positive, got {init_std!r}")
         self.num_ids = num_ids

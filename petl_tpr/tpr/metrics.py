@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import TaskInputError
+from .errors import TaskInputError, check_int
 
 RECALL_KS = (1, 5, 10)
 
@@ -59,8 +59,7 @@ def _check_pids(query_pids: torch.Tensor, gallery_pids: torch.Tensor, num_querie
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise TaskInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size)
 
 
 def rank_scores(similarity: torch.Tensor, query_pids: torch.Tensor,

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import TaskInputError
+from .errors import TaskInputError, check_int
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,7 @@ class OptimConfig:
             raise TaskInputError(f"OptimConfig.eps must be > 0 and weight_decay >= 0, got eps={self.eps!r}, "
                                  f"weight_decay={self.weight_decay!r}")
         for name in ("epochs", "warmup_epochs", "warmup_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise TaskInputError(f"OptimConfig.{name} must be an int >= 0, got {value!r}")
+            check_int(f"OptimConfig.{name}", getattr(self, name), 0)
         if self.epochs < 1 or self.warmup_epochs >= self.epochs:
             raise TaskInputError(f"OptimConfig needs epochs >= 1 and warmup_epochs < epochs, got "
                                  f"epochs={self.epochs}, warmup_epochs={self.warmup_epochs}")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .errors import DatasetError, TaskInputError
+from .errors import DatasetError, TaskInputError, check_int
 from .synthetic_draw import Body, DomainStyle, View, draw_person
 from .synthetic_text import COLOURS, write_captions
 
@@ -79,9 +79,7 @@ class SyntheticConfig:
                 raise TaskInputError(f"SyntheticConfig.caption_domains must be a non-empty list of 0 and 1, "
                                      f"got {self.caption_domains!r}")
         for name in ("identities", "images_per_id", "captions_per_image"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TaskInputError(f"SyntheticConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"SyntheticConfig.{name}", getattr(self, name))
         combos = 1
         for values in ATTRIBUTE_VALUES.values():
             combos *= len(values)

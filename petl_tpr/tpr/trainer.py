@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from ..errors import CheckpointError, PetlError
 from .datasets import EvalSplit, PersonRetrievalData
 from .distributed import ProcessGroup, join, local_batch_size
-from .errors import TaskInputError
+from .errors import TaskInputError, check_int
 from .evaluation import _device_of, _progress, evaluate
 from .losses import IdentityLoss, sdm_loss
 from .masking import MaskingConfig
@@ -70,8 +70,7 @@ class TrainingError(PetlError, RuntimeError):
 
 
 def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TaskInputError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+    check_int(f"{owner}.{name}", value, minimum)
 
 
 @dataclass(frozen=True)

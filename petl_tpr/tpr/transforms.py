@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import TaskInputError
+from .errors import TaskInputError, check_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,11 +39,8 @@ class TransformConfig:
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TaskInputError(f"TransformConfig.{name} must be a positive int, got {value!r}")
-        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
-            raise TaskInputError(f"TransformConfig.padding must be an int >= 0, got {self.padding!r}")
+            check_int(f"TransformConfig.{name}", getattr(self, name))
+        check_int("TransformConfig.padding", self.padding, 0)
         for name in ("flip_probability", "erasing_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise TaskInputError(f"TransformConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
