@@ -72,16 +72,19 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     `block_overrides` replaces fields (block-size sweeps).
 
     Chosen so that none of the kernels spills registers on sm_90 at DM-Adapter's shapes in fp32,
-    fp16 and bf16, relu and gelu (`compile_report`, tests/test_kernels_compile.py): the backward
-    kernels hold two (BM, BR)-sized fp32 tiles at once and get 8 warps; fp32 dots (FMA or TF32)
-    take 8 warps and BD = 32; the weight kernel gets BM = 32 (at 64 it spilled 32 B in fp32 at the
-    text shape, and 76 B in bf16 at the vision shape once h is read by flat index), and the fp32
-    token backward BD = 16 (12-16 B at 32, text shape). The pair-tile forward holds two (BM, BR) accumulators:
-    8 warps (4 spilled 120-520 B in bf16 at the vision shape), and BM = 32 in fp32 (16 B at 64);
-    the pair-tile token backward (two (BM, BR) products, one pick's h at a time) 16 warps and
-    BD = 32 in fp16/bf16 (8 warps spilled 16 B with gelu at the vision shape, 16 warps at BD = 64
-    8 B; BM = 32 would lose wgmma, which needs 64 rows), BM = 32 and 2 stages in fp32 (4-12 B at
-    the text shape with 3)."""
+    fp16 and bf16, relu and gelu, compiled by triton 3.9 and 3.6 (`compile_report`;
+    tests/test_kernels_compile.py; the table in docs/methods/moa.md). Each exception to BM 64,
+    BD 64 (fp16/bf16) / 32 (fp32), 8 warps is the smallest change that removed a spill:
+    - fwd (slot pass): 4 warps in fp16/bf16; BD 16 in fp32 (3.6 spilled 128 B at 32 with gelu);
+    - fwd_pairs (two (BM, BR) accumulators): BM 32 in fp32 (16 B at 64); 4 warps spilled
+      120-520 B in bf16 at the vision shape;
+    - bwd_token (slot pass): BD 16 and 2 stages in fp32 (12-16 B at BD 32; 4 B with 3 stages);
+    - bwd_token_pairs: 16 warps and BD 32 in fp16/bf16 (8 warps spilled 16 B, 16 warps at BD 64
+      8 B, with gelu at the vision shape; BM 32 would lose wgmma, which needs 64 rows); BM 32
+      and 2 stages in fp32;
+    - bwd_weight: BM 32 (at 64, 32 B in fp32 at the text shape, 76 B in bf16 at the vision
+      shape once h is read by flat index).
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     br = max(16, triton.next_power_of_2(r))
@@ -89,12 +92,12 @@ def blocks(kernel: str, d: int, r: int, dtype: torch.dtype = torch.bfloat16) -> 
     if half:
         widest = 64 if br <= 128 and kernel != "bwd_token_pairs" else 32
     else:
-        widest = 16 if kernel == "bwd_token" else 32
+        widest = 16 if kernel in ("fwd", "bwd_token") else 32
     bd = max(16, min(widest, triton.next_power_of_2(d)))
     small = br > 128 or kernel == "bwd_weight" or (kernel in ("fwd_pairs", "bwd_token_pairs") and not half)
     bm = 16 if interpreting() else (32 if small else 64)
     warps = 4 if half and kernel == "fwd" else (16 if half and kernel == "bwd_token_pairs" else 8)
-    stages = 2 if kernel == "bwd_token_pairs" and not half else 3
+    stages = 2 if kernel in ("bwd_token", "bwd_token_pairs") and not half else 3
     cfg = replace(Blocks(BM=bm, BR=br, BD=bd, num_warps=warps, num_stages=stages), **_OVERRIDES.get(kernel, {}))
     sizes = (cfg.BM, cfg.BR, cfg.BD)
     if cfg.BR < r or any(size < 16 or size & (size - 1) for size in sizes):
@@ -154,7 +157,7 @@ def _tiles(bounds: torch.Tensor, T: int, k: int, E: int, bm: int) -> torch.Tenso
     out = torch.empty(3, k, tiles, dtype=bounds.dtype, device=bounds.device)
     block_e = max(2, triton.next_power_of_2(E))
     _launch(routed_tiles_kernel, (k,), bounds, out, E, tiles, BM=bm, BLOCK_E=block_e,
-            BLOCK_T=max(2, min(256, 8192 // block_e)))
+            BLOCK_T=max(2, min(128, 2048 // block_e)))      # (BLOCK_T, BLOCK_E) int64 one-hots: no spills
     return out
 
 
