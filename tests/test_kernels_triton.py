@@ -245,7 +245,28 @@ def _worker(report: Path) -> None:
         assert y.dtype == torch.float32 and torch.equal(y, y_rounded.float())
         assert all(a.dtype == torch.float32 and torch.equal(a, b.float()) for a, b in zip(got, want))
 
+    def backward_follows_forward_kind():   # an override around the forward alone still sets the backward's kind
+        case = make_case(400, 24, 6, 2, 2, dtype=torch.float32)           # auto picks pair tiles here
+        assert launch.forward_kind(400, 2, 2, launch.blocks("fwd_pairs", 24, 6).BM) == "pairs"
+        real, seen = launch._launch, []
+        launch._launch = lambda kernel, *a, **m: (seen.append(kernel.fn.__name__), real(kernel, *a, **m))[1]
+        try:
+            for forced, token_kernel in (("slots", "routed_bwd_token_kernel"), ("pairs", "routed_bwd_token_pairs_kernel")):
+                leaves = [t.detach().clone().requires_grad_(i != 1) for i, t in enumerate(case)]
+                with launch.forward_override(forced):
+                    y = routed_adapters_triton(*leaves)
+                seen.clear()
+                upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                y.backward(upstream.to(y.dtype))                          # outside the override; grads()' upstream
+                assert token_kernel in seen, (forced, seen)
+                want = grads(routed_adapters_reference, case)[1]
+                for a, b in zip([t.grad for i, t in enumerate(leaves) if i != 1], want):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        finally:
+            launch._launch = real
+
     for name, fn in (("random-sweep", random_sweep), ("h-saved-only-for-backward", h_saved_only_for_backward),
+                     ("backward-follows-forward-kind", backward_follows_forward_kind),
                      ("autocast-operands", autocast_operands),
                      ("tile-tables-match-torch", tile_tables_match_torch), ("mixed-dtypes", mixed_dtypes), ("dispatch", dispatch), ("bad-ids", bad_ids),
                      ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck), ("compile-fullgraph", compile_fullgraph),
@@ -254,7 +275,7 @@ def _worker(report: Path) -> None:
     report.write_text(json.dumps(results, indent=1))
 
 
-EXTRA = ["random-sweep", "h-saved-only-for-backward", "autocast-operands", "tile-tables-match-torch", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
+EXTRA = ["random-sweep", "h-saved-only-for-backward", "backward-follows-forward-kind", "autocast-operands", "tile-tables-match-torch", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
          "deterministic-weight-grads"]
 
 

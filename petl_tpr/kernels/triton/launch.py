@@ -187,6 +187,12 @@ FORWARD_KINDS = ("auto", "pairs", "slots")
 _FORWARD: list[str] = []          # forward_override's stack
 
 
+def _kind_of_call(x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor, kernel: str) -> str:
+    """`forward_kind` at this call's sizes, with `kernel`'s (fwd_pairs or bwd_token_pairs) BM."""
+    return forward_kind(x.shape[0], expert_ids.shape[1], w_down.shape[0],
+                        blocks(kernel, x.shape[1], w_down.shape[2], x.dtype).BM)
+
+
 def forward_kind(T: int, k: int, E: int, bm: int) -> str:
     """"pairs" or "slots": how the forward runs at these sizes. Pair tiles (k = 2 only) read each x
     row once and write y once, but every possible expert pair gets its own run of tiles, so they
@@ -259,8 +265,8 @@ def moa_routed_fwd(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
         return x.new_zeros(T, d), h, expert_ids.new_empty(0), expert_ids.new_zeros(k * E + 1 if save_h else 0)
     y = torch.empty_like(x)
     meta = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype), STORE_H=save_h, **asdict(cfg))
-    pair_cfg = blocks("fwd_pairs", d, r, x.dtype)
-    if forward_kind(T, k, E, pair_cfg.BM) == "pairs":
+    if _kind_of_call(x, expert_ids, w_down, "fwd_pairs") == "pairs":
+        pair_cfg = blocks("fwd_pairs", d, r, x.dtype)
         meta.update(asdict(pair_cfg))
         tok, sorted_gates, perm, tables = _pair_plan(expert_ids, gates, E, pair_cfg.BM, check_ids)
         _launch(routed_fwd_pairs_kernel, (tables.shape[2],), x, w_down, b_down, w_up, b_up, sorted_gates, perm, tok,
@@ -287,10 +293,12 @@ def _(x, expert_ids, gates, w_down, b_down, w_up, b_up, activation, save_h=True,
 @torch.library.custom_op("petl_tpr::moa_routed_bwd", mutates_args=())
 def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                    w_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, h: torch.Tensor,
-                   order: torch.Tensor, bounds: torch.Tensor,
-                   activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor, torch.Tensor]:
-    """dx, dgates, dw_down, db_down, dw_up, db_up, each in its input's dtype (all share x's)."""
+                   order: torch.Tensor, bounds: torch.Tensor, activation: str,
+                   kind: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor, torch.Tensor]:
+    """dx, dgates, dw_down, db_down, dw_up, db_up, each in its input's dtype (all share x's). `kind`
+    ("pairs" or "slots") is the token kernel's; the autograd backward passes the forward's, "auto"
+    picks one by `forward_kind`."""
     T, d = x.shape
     E, _, r = w_down.shape
     k = expert_ids.shape[1]
@@ -308,8 +316,10 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
             dy = dy.to(x.dtype)
         dh = torch.empty(n, r, **f32)
         common = dict(ACT=ACTS[activation], DOT=_DOT[x.dtype], PREC=_prec(x.dtype))
-        pair_cfg = blocks("bwd_token_pairs", d, r, x.dtype)
-        if forward_kind(T, k, E, pair_cfg.BM) == "pairs":
+        if kind == "auto":
+            kind = _kind_of_call(x, expert_ids, w_down, "bwd_token_pairs")
+        if kind == "pairs":
+            pair_cfg = blocks("bwd_token_pairs", d, r, x.dtype)
             tok, sorted_gates, perm, tables = _pair_plan(expert_ids, gates, E, pair_cfg.BM, check_ids=False)
             _launch(routed_bwd_token_pairs_kernel, (tables.shape[2],), dy, w_down, w_up, b_up, sorted_gates, perm, tok,
                     h, *tables[:, 0], dx, dgates, dh, d, r, E, **common, **asdict(pair_cfg))
@@ -330,7 +340,7 @@ def moa_routed_bwd(dy: torch.Tensor, x: torch.Tensor, expert_ids: torch.Tensor, 
 
 
 @moa_routed_bwd.register_fake
-def _(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds, activation):
+def _(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds, activation, kind="auto"):
     E, _, r = w_down.shape
     return (x.new_empty(x.shape), gates.new_empty(gates.shape), w_down.new_empty(w_down.shape),
             x.new_empty(E, r), w_up.new_empty(w_up.shape), b_up.new_empty(b_up.shape))
@@ -341,12 +351,14 @@ def _setup_context(ctx, inputs, output):
     _, h, order, bounds = output
     ctx.save_for_backward(x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds)
     ctx.activation = activation
+    # the token backward runs as the forward ran (decided now, under any forward_override in force)
+    ctx.kind = _kind_of_call(x, expert_ids, w_down, "fwd_pairs")
 
 
 def _backward(ctx, dy, _dh, _dorder, _dbounds):
     x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds = ctx.saved_tensors
     dx, dgates, dwd, dbd, dwu, dbu = moa_routed_bwd(dy, x, expert_ids, gates, w_down, w_up, b_up, h, order, bounds,
-                                                    ctx.activation)
+                                                    ctx.activation, ctx.kind)
     return dx, None, dgates, dwd, dbd, dwu, dbu, None, None, None
 
 
