@@ -34,8 +34,7 @@ import torch
 
 from ..atomic import write_atomic
 from ..memory import PeakMemory, training_memory_mb
-from .errors import TaskInputError
-from .trainer import _positive_int
+from .errors import TaskInputError, check_int
 
 METHODS = ("zero-shot", "full fine-tuning", "lora", "up-person", "dm-adapter", "unipt")
 BACKBONES = ("transformers", "open_clip")
@@ -82,7 +81,7 @@ class DemoConfig:
         for name in ("source_identities", "target_identities", "images_per_id", "captions_per_image", "width",
                      "layers", "heads", "patch_size", "context_length", "pretrain_epochs", "transfer_epochs",
                      "batch_size"):
-            _positive_int("DemoConfig", name, getattr(self, name))
+            check_int(f"DemoConfig.{name}", getattr(self, name))
         if self.width % self.heads:
             raise TaskInputError(f"DemoConfig.width ({self.width}) must be a multiple of heads ({self.heads})")
         if any(s % self.patch_size for s in self.image_size):

@@ -13,8 +13,8 @@ with e the 0-based epoch; epoch e runs at lr * factor(e). With the reference val
 
 `warmup_steps` (0 in the reference: off) adds a per-step linear warm-up on top: optimiser step s
 (0-based, counted over the whole run) runs at lr * factor(e) * min(1, (s + 1) / warmup_steps).
-Training from a random start at a high lr needs it (the demo's pre-training: see docs/demo.md);
-the per-epoch warm-up alone is too coarse when an epoch is tens of steps.
+The per-epoch warm-up is coarse when an epoch is tens of steps; on the demo's pre-training this
+option did not help (docs/demo.md), so nothing uses it by default.
 """
 
 from __future__ import annotations

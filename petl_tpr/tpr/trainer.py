@@ -69,10 +69,6 @@ class TrainingError(PetlError, RuntimeError):
     """Training cannot go on (the loss became non-finite)."""
 
 
-def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
-    check_int(f"{owner}.{name}", value, minimum)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one run; the defaults are the reference recipe (REFERENCE.md section 0).
@@ -124,9 +120,9 @@ class TrainConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "betas", tuple(self.betas))
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "keep_checkpoints"):
-            _positive_int("TrainConfig", name, getattr(self, name))
-        _positive_int("TrainConfig", "num_workers", self.num_workers, 0)
-        _positive_int("TrainConfig", "seed", self.seed, 0)
+            check_int(f"TrainConfig.{name}", getattr(self, name))
+        check_int("TrainConfig.num_workers", self.num_workers, 0)
+        check_int("TrainConfig.seed", self.seed, 0)
         if self.eval_split not in EVAL_SPLITS:
             raise TaskInputError(f"TrainConfig.eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.trainable not in TRAINABLE:
@@ -312,7 +308,7 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     dataset = ImageTextDataset(data.train, transform=train_transform, tokenizer=tokenizer,
                                masking=MaskingConfig() if config.mask_captions else None, seed=config.seed)
     if stop_after is not None:
-        _positive_int("train", "stop_after", stop_after)
+        check_int("train.stop_after", stop_after)
     end = config.epochs if stop_after is None else min(stop_after, config.epochs)
     for epoch in range(start, end):
         dataset.set_epoch(epoch)
