@@ -2,7 +2,7 @@
 
 from . import backbones, methods  # noqa: F401  (registers built-in families and methods)
 from .api import aux_loss, eject, inject, merge
-from .errors import CheckpointError, DiscoveryError, InjectionError, InputError, PetlError, SpecError
+from .errors import CheckpointError, DiscoveryError, InjectionError, InputError, PetlError, SpecError, UnsupportedError
 from .interop.peft import export_peft
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .spec import MethodEntry, Spec, Where
@@ -11,6 +11,7 @@ from .summary import summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "DiscoveryError", "InjectionError", "InputError", "MethodEntry", "PetlError", "Spec", "SpecError", "Where",
+    "CheckpointError", "DiscoveryError", "InjectionError", "InputError", "MethodEntry", "PetlError", "Spec", "SpecError",
+    "UnsupportedError", "Where",
     "adapter_state_dict", "aux_loss", "eject", "export_peft", "inject", "load_adapters", "merge", "save_adapters", "summary",
 ]

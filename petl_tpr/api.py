@@ -11,6 +11,8 @@ from .attach import Attachment, adapter_module, attach, detach, fold
 from .backbones.discover import discover
 from .errors import InjectionError
 from .registry import METHODS
+from .probe import check_planned
+from .runcheck import arm, forget
 from .spec import Spec
 from .targeting import plan
 
@@ -75,6 +77,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [])
+    check_planned(model, backbone, planned)
     # taken before attaching, so adapter parameters are not in it
     requires = {name: p.requires_grad for name, p in model.named_parameters()} if prior is None else {}
     done: list[Attachment] = []
@@ -95,6 +98,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
         injection = prior
         injection.spec = spec if prior.spec is None else prior.spec + spec
         injection.attachments = prior.attachments + done
+    arm(model, [_run_site(model, backbone, att) for att in done])
     if freeze:
         adapters = {id(p) for p in adapter_parameters(model).values()}
         for param in model.parameters():
@@ -102,11 +106,19 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
     return Injection(spec, done, injection.requires_grad, injection.fingerprint)
 
 
+def _run_site(model: nn.Module, backbone, att: Attachment) -> tuple[str, str, str, nn.Module]:
+    """(enclosing module, key, description, adapter) for the first-forward run check (runcheck.py)."""
+    enclosing = att.owner if att.side is not None else backbone.branches[att.branch].blocks[att.layer].path
+    what = f"{att.entry} ({att.method}) at {att.key} [{att.role}, {att.slot}]"
+    return enclosing, att.state_prefix, what, adapter_module(model, att)
+
+
 def eject(model: nn.Module) -> None:
     """Take every adapter out: modules, hooks, attention takeovers, and requires_grad flags as before."""
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"nothing is injected in this {type(model).__name__}")
+    forget(model, [att.state_prefix for att in injection.attachments])
     for att in reversed(injection.attachments):
         detach(model, att)
     for name, param in model.named_parameters():
@@ -124,6 +136,7 @@ def merge(model: nn.Module) -> list[str]:
     if injection is None:
         raise InjectionError(f"nothing is injected in this {type(model).__name__}")
     merged = [att for att in injection.attachments if METHODS[att.method].mergeable]
+    forget(model, [att.state_prefix for att in merged])
     for att in merged:
         fold(model, att)
     injection.attachments = [a for a in injection.attachments if a not in merged]

@@ -23,3 +23,7 @@ class CheckpointError(PetlError):
 
 class InputError(PetlError, ValueError):
     """A model input does not fit an adapted module (a mask shape the family never produces...)."""
+
+
+class UnsupportedError(SpecError, InjectionError):
+    """A site cannot take what the spec asks for (found at inject, before anything is attached)."""

@@ -27,10 +27,19 @@ class PlannedSite:
 def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: MethodEntry) -> PlannedSite:
     """One side network per branch: taps on the embedding output and the selected blocks' outputs."""
     blocks = branch.blocks
+    widths = sorted({blocks[i].dim for i in layers} | {blocks[0].dim})
+    if len(widths) > 1:
+        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} changes width across its stages "
+                        f"({', '.join(map(str, widths))}); a side network reads every tapped block at one width. Select "
+                        f"the layers of one stage with where.layers")
     first = blocks[0]
     owner = branch.final_norm or blocks[-1].path
     family = FAMILIES[first.family]
     global_token = family.global_token(branch.name)
+    if global_token not in ("first", "eot"):
+        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} ({first.family}) has no pooled "
+                        f"token (its model returns every position and leaves pooling to the user), and a side network "
+                        f"adds its correction where the model pools")
     side = SideSite(first_block=first.path, taps=tuple(blocks[i].path for i in layers), owner=owner,
                     ids=branch.token_embedding, global_token=global_token,
                     batch_first=first.layout.batch_first(model.get_submodule(first.path)))

@@ -21,7 +21,9 @@ from conftest import (assert_no_petl_traces, assert_state_equal, family_example,
                       state_snapshot)
 
 CASES = method_cases()
-PAIRS = [(f, c) for f in FAMILIES for c in CASES]
+PAIRS = [(f, c) for f in FAMILIES for c in CASES
+         if not {e["method"] for e in CASES[c]} & set(FAMILIES[f].refuses)]   # refusals: test_refusals below
+REFUSED = [(f, m) for f in FAMILIES for m in FAMILIES[f].refuses]
 
 
 def _spec(case: str) -> pt.Spec:
@@ -143,3 +145,15 @@ def test_save_load_equal_in_fresh_process(tmp_path):
     assert set(results) == {job[0] for job in jobs}
     bad = {name: diff for name, diff in results.items() if not diff <= 1e-6}
     assert not bad, f"outputs differ after reload in a fresh process: {bad}"
+
+
+@pytest.mark.parametrize("family,method", REFUSED)
+def test_refusals_are_clear_errors_at_inject(family, method):
+    """What a family refuses by design is a PetlError at inject that names the method, and touches nothing."""
+    model, _ = family_example(family)
+    before = state_snapshot(model)
+    entry = next(e for case in CASES.values() for e in case if e["method"] == method)
+    with pytest.raises(pt.PetlError, match=method.replace("-", "[-_]")):
+        pt.inject(model, pt.Spec.from_dict({"entries": [entry]}))
+    assert_state_equal(before, model)
+    assert_no_petl_traces(model)

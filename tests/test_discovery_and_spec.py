@@ -132,8 +132,16 @@ def test_summary_counts_and_percent():
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_preset_injects_into_every_family(preset, family):
-    """Presets name no branches: single-tower models (timm, BERT, TransformerEncoder) take them too."""
+    """Presets name no branches: single-tower models (timm, BERT, TransformerEncoder) take them too.
+
+    A preset using a method the family refuses by design is refused at inject with a clear error."""
     model, run = family_example(family)
+    refused = {e["method"] for e in PRESETS[preset]} & set(FAMILIES[family].refuses)
+    if refused:
+        with pytest.raises(pt.PetlError):
+            pt.inject(model, preset)
+        assert pt.api.get_injection(model) is None
+        return
     report = pt.inject(model, preset)
     branches = set(discover(model).branches)
     assert {a.branch for a in pt.api.get_injection(model).attachments} == branches, report.describe()

@@ -20,6 +20,10 @@ from .takeover import Convention, TakeoverState
 
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 _OUT_NAMES = ("out_proj", "o_proj")
+# keyword arguments transformers passes that change nothing here (the first set) or only when given (the second)
+_IGNORED = {"output_attentions", "is_causal", "position_ids", "use_cache", "cache_position"}
+_ONLY_NONE = {"past_key_values", "past_key_value", "cache", "encoder_hidden_states", "encoder_attention_mask",
+              "head_mask", "layer_head_mask"}
 
 
 def _first_attr(module: nn.Module, names: tuple[str, ...], default: Any = None) -> Any:
@@ -62,9 +66,14 @@ class HFAttention(Convention):
         who = type(module).__name__
         if args:
             raise InputError(f"{who} (taken over): unexpected positional arguments after attention_mask")
-        if kwargs.get("past_key_values") is not None or kwargs.get("encoder_hidden_states") is not None:
-            raise InputError(f"{who} (taken over): key/value caches and cross-attention are not supported; "
-                             f"adapters that take over attention serve encoders")
+        given = [k for k, v in kwargs.items() if k in _ONLY_NONE and v is not None]
+        if given:
+            raise InputError(f"{who} (taken over): {', '.join(given)} given; key/value caches, head masks and "
+                             f"cross-attention are not supported; adapters that take over attention serve encoders")
+        unknown = [k for k, v in kwargs.items() if k not in _IGNORED | _ONLY_NONE and v is not None]
+        if unknown:   # never drop an input the module's own forward would have used
+            raise InputError(f"{who} (taken over): keyword argument(s) {unknown} that the takeover does not "
+                             f"reproduce; the module's own forward would use them")
         q_proj, k_proj, v_proj, o_proj = self.projections(module)
         heads = self.heads(module)
         q = split_heads(q_proj(hidden_states), heads)

@@ -109,21 +109,77 @@ def _has(module: nn.Module, kinds: tuple[type, ...], skip: tuple[str, ...] = (),
     return False
 
 
+def _is_patchifier(name: str, module: nn.Module) -> bool:
+    """A patch embedding: a Conv2d, or a Linear (or any module) named or typed as a patch embedding."""
+    if isinstance(module, nn.Conv2d):
+        return True
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return ("patch" in leaf or "patch" in type(module).__name__.lower()) and any(
+        isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules())
+
+
+def _feeder(module: nn.Module, prefix: str, stacks: list[str]) -> str | None:
+    """'vision' when a patchifier lies under `module` outside every stack, 'text' for an Embedding, else None."""
+    kind = None
+    for name, sub in module.named_modules(prefix=prefix):
+        if any(name == s or name.startswith(s + ".") for s in stacks):
+            continue
+        if _is_patchifier(name, sub):
+            return "vision"
+        if isinstance(sub, nn.Embedding):
+            kind = "text"
+    return kind
+
+
 def _branch_kind(model: nn.Module, stack: str, stacks: list[str]) -> str:
-    """Name a stack by the highest ancestor that holds no other stack (see module docstring)."""
+    """Name a stack by what feeds it: walking up from the stack, the first ancestor holding a patchifier
+    (vision) or a token embedding (text) outside the stacks decides; the walk stops below an ancestor
+    that holds another stack, so a tower never takes its name from another tower."""
     parts = stack.split(".")
-    exclusive = stack
     for cut in range(len(parts) - 1, -1, -1):
         candidate = ".".join(parts[:cut])
         if any(other != stack and (candidate == "" or other.startswith(candidate + ".")) for other in stacks):
             break
-        exclusive = candidate
-    sub = model.get_submodule(exclusive) if exclusive else model
-    if _has(sub, (nn.Conv2d,)):
-        return "vision"
-    if _has(sub, (nn.Embedding,)):
-        return "text"
+        sub = model.get_submodule(candidate) if candidate else model
+        kind = _feeder(sub, candidate, stacks)
+        if kind is not None:
+            return kind
     return "encoder"
+
+
+_CONTAINERS = {"layers", "layer", "blocks", "block", "resblocks", "h", "encoder", "transformer", "model"}
+
+
+def _own_name(kind: str, stack: str, taken: set[str]) -> str:
+    """A second stack of one kind is named from its path: `text_decoder.resblocks` -> `text_decoder`."""
+    words = [w for w in stack.split(".") if w not in _CONTAINERS and not w.isdigit()]
+    name = "_".join(words) or kind
+    if not name.startswith(kind) and kind != "encoder" and not any(k in name for k in ("text", "vision", "visual")):
+        name = f"{kind}_{name}"
+    base, suffix = name, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    return name
+
+
+def _stage_groups(model: nn.Module, stacks: list[str]) -> dict[str, list[str]]:
+    """Stacks that are the stages of one pyramid (`encoder.layers.0.blocks`, `encoder.layers.1.blocks`, as in
+    Swin) form one branch, keyed by the stage container (`encoder.layers`); any other stack stands alone."""
+    groups: dict[str, list[str]] = {}
+    for stack in stacks:
+        parts = stack.split(".")
+        key = stack
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i].isdigit():
+                container = ".".join(parts[:i])
+                if isinstance(model.get_submodule(container), (nn.ModuleList, nn.Sequential)):
+                    rest = ".".join(parts[i + 1:])
+                    siblings = [s for s in stacks if s.startswith(container + ".") and s.endswith("." + rest)]
+                    if len(siblings) > 1 and rest:
+                        key = container
+                break
+        groups.setdefault(key, []).append(stack)
+    return groups
 
 
 def discover(model: nn.Module) -> Backbone:
@@ -145,25 +201,27 @@ def discover(model: nn.Module) -> Backbone:
     stacks: dict[str, list] = {}
     for path, family, layout, dim, projections in found:
         stacks.setdefault(path.rsplit(".", 1)[0], []).append((path, family, layout, dim, projections))
-    kinds = {s: _branch_kind(model, s, list(stacks)) for s in stacks}
-    vision_roots = tuple(s for s, k in kinds.items() if k == "vision")
-    for s, kind in kinds.items():
+    groups = _stage_groups(model, list(stacks))
+    roots = list(groups)
+    kinds = {g: _branch_kind(model, members[0], [m for m in stacks if m not in members])
+             for g, members in groups.items()}
+    vision_roots = tuple(members[0] for g, members in groups.items() if kinds[g] == "vision")
+    for g, kind in kinds.items():
         if kind == "encoder" and vision_roots and _has(model, (nn.Embedding,), skip=_vision_owners(vision_roots)):
-            kinds[s] = "text"
+            kinds[g] = "text"
     branches: dict[str, Branch] = {}
-    for stack, members in stacks.items():
-        name = kinds[stack]
-        suffix = 1
-        while name in branches:
-            name, suffix = f"{kinds[stack]}_{suffix}", suffix + 1
+    for group, members in groups.items():
+        kind = kinds[group]
+        name = kind if kind not in branches else _own_name(kind, group, set(branches))
+        rows = [row for stack in members for row in stacks[stack]]
         blocks = tuple(
             Block(path, name, i, family, dim, layout, projections)
-            for i, (path, family, layout, dim, projections) in enumerate(members)
+            for i, (path, family, layout, dim, projections) in enumerate(rows)
         )
         families = {b.family for b in blocks}
-        branches[name] = Branch(name, stack, blocks, "/".join(sorted(families)),
-                                final_norm=final_norm(model, stack, list(stacks)),
-                                token_embedding=token_embedding(model, stack, list(stacks)))
+        branches[name] = Branch(name, group, blocks, "/".join(sorted(families)),
+                                final_norm=final_norm(model, group, roots),
+                                token_embedding=token_embedding(model, group, roots))
     return Backbone(branches)
 
 

@@ -29,6 +29,26 @@ LAYOUT = BlockLayout(
 )
 
 
+# DistilBERT: attention.{q,k,v,out}_lin inside one module (its output is the branch output), ffn.lin1/lin2,
+# post-norm (sa_layer_norm, output_layer_norm). Its attention takes (query, key, value, mask): no takeover.
+LAYOUT_DISTIL = BlockLayout(
+    attn="attention",
+    q=ProjectionRef("attention.q_lin"),
+    k=ProjectionRef("attention.k_lin"),
+    v=ProjectionRef("attention.v_lin"),
+    o=ProjectionRef("attention.out_lin"),
+    fc1=ProjectionRef("ffn.lin1"),
+    fc2=ProjectionRef("ffn.lin2"),
+    norm1="sa_layer_norm",
+    norm2="output_layer_norm",
+    attn_in="attention",
+    attn_out="attention",
+    mlp_in="ffn",
+    mlp_out="ffn",
+    pre_norm=lambda block: False,
+)
+
+
 def tiny_example():
     """A 2-layer BERT, width 32; `run` returns the last hidden state with a padded second sequence."""
     from ..compat import ensure_torchvision_importable
@@ -51,7 +71,7 @@ def tiny_example():
 
 FAMILY = register_family(Family(
     name="hf_bert",
-    layouts=(LAYOUT,),
+    layouts=(LAYOUT, LAYOUT_DISTIL),
     description="transformers BertLayer: attention.self.{query,key,value}, attention.output.dense, post-norm",
     example=tiny_example,
 ))

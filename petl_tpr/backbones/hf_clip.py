@@ -25,6 +25,25 @@ LAYOUT = BlockLayout(
 )
 
 
+# BLIP's vision tower: the same layer with one fused qkv Linear (rows q|k|v) and `projection`; no takeover
+# convention reads a fused transformers qkv, so prefixes are refused there.
+LAYOUT_FUSED = BlockLayout(
+    attn="self_attn",
+    q=ProjectionRef("self_attn.qkv", part=0),
+    k=ProjectionRef("self_attn.qkv", part=1),
+    v=ProjectionRef("self_attn.qkv", part=2),
+    o=ProjectionRef("self_attn.projection"),
+    fc1=ProjectionRef("mlp.fc1"),
+    fc2=ProjectionRef("mlp.fc2"),
+    norm1="layer_norm1",
+    norm2="layer_norm2",
+    attn_in="self_attn",
+    attn_out="self_attn",
+    mlp_in="mlp",
+    mlp_out="mlp",
+)
+
+
 def tiny_example():
     """A 2-layer CLIP with 32-wide towers; `run` returns image and text embeddings, padding included."""
     from ..compat import ensure_torchvision_importable
@@ -58,7 +77,7 @@ def tiny_example():
 
 FAMILY = register_family(Family(
     name="hf_clip",
-    layouts=(LAYOUT,),
+    layouts=(LAYOUT, LAYOUT_FUSED),
     description="transformers CLIPEncoderLayer (CLIP, SigLIP-style): self_attn.{q,k,v,out}_proj, mlp.fc1/fc2, pre-norm",
     example=tiny_example,
     global_token=lambda branch: "eot" if branch == "text" else "first",

@@ -44,6 +44,26 @@ LAYOUT_V4 = BlockLayout(
 )
 
 
+# DINOv2 (with or without register tokens): norm1/norm2, a LayerScale after each branch. The branch
+# output before the residual is the LayerScale's output, so parallel adapters are not scaled down by it.
+LAYOUT_DINOV2 = BlockLayout(
+    attn="attention",
+    q=ProjectionRef("attention.q_proj"),
+    k=ProjectionRef("attention.k_proj"),
+    v=ProjectionRef("attention.v_proj"),
+    o=ProjectionRef("attention.o_proj"),
+    fc1=ProjectionRef("mlp.fc1"),
+    fc2=ProjectionRef("mlp.fc2"),
+    norm1="norm1",
+    norm2="norm2",
+    attn_in="attention",
+    attn_out="layer_scale1",
+    mlp_in="mlp",
+    mlp_out="layer_scale2",
+    attention="hf",
+)
+
+
 def tiny_example():
     """A 2-layer ViT, width 32, 32x32 images; `run` returns the last hidden state."""
     from ..compat import ensure_torchvision_importable
@@ -64,7 +84,7 @@ def tiny_example():
 
 FAMILY = register_family(Family(
     name="hf_vit",
-    layouts=(LAYOUT_V5, LAYOUT_V4),
-    description="transformers ViTLayer (v5 q/k/v/o_proj + mlp, and v4 attention.attention.query/... layout), pre-norm",
+    layouts=(LAYOUT_V5, LAYOUT_V4, LAYOUT_DINOV2),
+    description="transformers ViTLayer (v5 q/k/v/o_proj + mlp, and v4 attention.attention.query/... layout), and DINOv2 layers (norm1/norm2, LayerScale), pre-norm",
     example=tiny_example,
 ))

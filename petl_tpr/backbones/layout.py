@@ -53,9 +53,15 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or (
-        hasattr(module, "normalized_shape") and isinstance(getattr(module, "weight", None), torch.Tensor)
-    )
+    """LayerNorm, RMSNorm, or a model's own norm class (LlamaRMSNorm, T5LayerNorm: a class named *Norm with a 1-d weight)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if hasattr(module, "normalized_shape"):
+        return True
+    return type(module).__name__.endswith("Norm") and weight.dim() == 1
 
 
 def is_mha(module: nn.Module) -> bool:
@@ -93,7 +99,9 @@ class Family:
     """A backbone family: its layouts and a tiny example model for the tests.
 
     `global_token(branch)` says where the branch's pooled feature is read: "first" (CLS) or "eot"
-    (the position of the largest token id, as CLIP's text tower pools).
+    (the position of the largest token id, as CLIP's text tower pools), or "none" (the model does not pool).
+    `refuses` names the methods that `inject` refuses on this family's example with a clear error (the
+    contract suite checks that refusal instead of the method's behaviour).
     `example` returns `(model, run)`, where `run(model)` feeds fixed inputs (made with a fixed seed)
     and returns one float tensor of outputs; it imports its third-party package lazily.
     """
@@ -102,7 +110,8 @@ class Family:
     layouts: tuple[BlockLayout, ...]
     description: str
     example: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]] | None = None
-    global_token: Callable[[str], str] = lambda branch: "first"   # "first" (CLS) or "eot" (CLIP text)
+    global_token: Callable[[str], str] = lambda branch: "first"   # "first" (CLS), "eot" (CLIP text), "none"
+    refuses: tuple[str, ...] = ()   # methods its blocks refuse at inject by design (e.g. prefixes without a takeover)
 
     def build_example(self, seed: int = 0) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
         """The tiny example with weights drawn from `seed`, leaving the global RNG as it was."""

@@ -1,0 +1,198 @@
+"""Inject-time probes: call an attention module alone, before anything is attached, to refuse early.
+
+Two things are checked where the module can be called with one hidden-state tensor (timm's
+`Attention(x)`, transformers' `...Attention(hidden_states)`, `MultiheadAttention(x, x, x)`):
+
+- takeover identity: the taken-over forward (with no adapter) must give the module's own output at
+  fp32 tolerance. A module that adds something the convention does not reproduce (a relative
+  position bias table, split q/k/v biases, a rotary embedding of its own, talking heads) is
+  refused, naming the module and the parts the convention does not know.
+- bypassed projections: a projection that gets a forward hook (LoRA on a Linear) must be called
+  by its attention. timm's EVA and BEiT attentions read `qkv.weight` through `F.linear` instead of
+  calling `qkv`: a hook there would never run.
+
+A module that cannot be called alone (it needs rotary position embeddings or a mask as required
+arguments) is not probed here; the first-forward run check (runcheck.py) still catches a bypass.
+Probes run in eval mode under no_grad on a seeded input and leave the module as it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import CONVENTIONS, is_taken_over as _taken, release, take_over
+from .errors import UnsupportedError
+
+ATOL = 1e-5
+
+# what each convention's forward reads of its module (anything else it does not reproduce)
+_KNOWN_PARTS = {
+    "hf": {"q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "query", "key", "value", "dropout", "attn_dropout",
+           "attention_dropout"},
+    "timm": {"qkv", "proj", "q_norm", "k_norm", "norm", "attn_drop", "proj_drop", "gate"},
+    "mha": {"in_proj_weight", "in_proj_bias", "out_proj", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+            "bias_k", "bias_v"},
+}
+
+# the forward arguments each convention reads (a module whose forward takes others is refused when probing is impossible)
+_KNOWN_ARGS = {
+    "hf": {"hidden_states", "attention_mask", "args", "kwargs", "output_attentions", "is_causal", "position_ids",
+           "use_cache", "cache_position", "past_key_values", "past_key_value", "cache", "encoder_hidden_states",
+           "encoder_attention_mask", "head_mask", "layer_head_mask"},
+    "timm": {"x", "attn_mask", "is_causal"},
+    "mha": {"query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+            "is_causal"},
+}
+
+
+def unknown_args(module: nn.Module, convention: str) -> list[str]:
+    """Forward arguments of `module` that `convention` does not read (rotary embeddings, a shared bias...)."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+    return [n for n in names if n not in _KNOWN_ARGS.get(convention, set())]
+
+
+def unknown_parts(module: nn.Module, convention: str) -> list[str]:
+    """Children, parameters and buffers of `module` that `convention`'s forward never reads."""
+    known = _KNOWN_PARTS.get(convention, set())
+    parts = [f"{n} ({type(c).__name__})" for n, c in module.named_children()
+             if n not in known and not isinstance(c, (nn.Dropout, nn.Identity))]
+    parts += [f"{n} (parameter {tuple(p.shape)})" for n, p in module.named_parameters(recurse=False)
+              if n not in known]
+    parts += [f"{n} (buffer)" for n, b in module.named_buffers(recurse=False) if n not in known]
+    return parts
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _call_alone(module: nn.Module, convention: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The module's output for one hidden-state input, or None when it cannot be called that way."""
+    try:
+        if convention == "mha":
+            out = module(x, x, x, need_weights=False)
+        else:
+            out = module(x)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError):
+        return None
+    return _first_tensor(out)
+
+
+def _lengths(module: nn.Module) -> list[int]:
+    """Sequence lengths to probe with: a short one, and a window's token count (+1 for a class token)."""
+    window = getattr(module, "window_size", None)
+    if isinstance(window, (tuple, list)) and window and all(isinstance(w, int) for w in window):
+        tokens = 1
+        for w in window:
+            tokens *= w
+        return [5, tokens + 1, tokens]
+    return [5]
+
+
+def _probe_input(module: nn.Module, width: int, length: int) -> torch.Tensor:
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(2, length, width, generator=g).to(device=device, dtype=dtype)
+
+
+class _Called:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.count += 1
+
+
+@torch.no_grad()
+def check_attention(model: nn.Module, path: str, convention: str | None, width: int, hooked: list[str],
+                    takeover: bool) -> None:
+    """Probe the attention at `path`; raise UnsupportedError naming what the takeover or a hook would miss.
+
+    `hooked` are module paths (inside the attention) that will get forward hooks; `takeover` says
+    whether the spec needs the attention taken over.
+    """
+    module = model.get_submodule(path)
+    was_training = module.training
+    module.eval()
+    who = f"'{path}' ({type(module).__name__})"
+    try:
+        counters = {owner: _Called() for owner in hooked}
+        handles = [model.get_submodule(owner).register_forward_hook(c) for owner, c in counters.items()]
+        try:
+            for length in _lengths(module):
+                x = _probe_input(module, width, length)
+                own = _call_alone(module, convention or "", x)
+                if own is not None:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+        if own is None:   # cannot be called alone: judge by structure
+            if takeover and convention is not None and not _taken(module):
+                missing = unknown_parts(module, convention) + [f"argument {a!r}" for a in unknown_args(module, convention)]
+                if missing:
+                    raise UnsupportedError(
+                        f"attention {who} has parts the {convention!r} takeover does not reproduce: "
+                        f"{', '.join(missing)}; prefixes or raw-weight deltas there would change the model. Target roles "
+                        f"that need no takeover (LoRA on Linear projections, adapters), or add a convention "
+                        f"(docs/adding.md)")
+            return
+        bypassed = [owner for owner, c in counters.items() if c.count == 0]
+        if bypassed and not takeover:
+            raise UnsupportedError(
+                f"attention {who} does not call {', '.join(repr(b) for b in bypassed)} in its forward (it reads the "
+                f"weight directly), so an adapter hooked there would never run. Parts of the module the convention "
+                f"does not read: {', '.join(unknown_parts(module, convention or '')) or 'none'}")
+        if not takeover or convention is None or _taken(module):   # a taken-over module was probed when taken
+            return
+        take_over(module, CONVENTIONS[convention])
+        try:
+            try:
+                ours = _first_tensor(module(x, x, x, need_weights=False) if convention == "mha" else module(x))
+            except Exception as error:   # the takeover cannot run what the module itself runs
+                raise UnsupportedError(f"attention {who}: the {convention!r} takeover fails where the module's own "
+                                       f"forward works ({type(error).__name__}: {error})") from None
+        finally:
+            release(module)
+        if ours is None or ours.shape != own.shape or not torch.allclose(ours, own, atol=ATOL, rtol=1e-4):
+            gap = (ours - own).abs().max().item() if ours is not None and ours.shape == own.shape else float("nan")
+            parts = unknown_parts(module, convention)
+            raise UnsupportedError(
+                f"attention {who} computes something the {convention!r} takeover does not reproduce (max difference "
+                f"{gap:.2e} on a probe input), so prefixes or raw-weight deltas there would change the model. "
+                f"Parts the takeover does not read: {', '.join(parts) or 'none (the forward itself differs)'}. "
+                f"Target roles that need no takeover (LoRA on Linear projections, adapters), or add a convention "
+                f"(docs/adding.md)")
+    finally:
+        module.train(was_training)
+
+
+def check_planned(model: nn.Module, backbone, planned: list) -> None:
+    """Probe every attention the planned sites touch (takeover or hooked projections inside it)."""
+    todo: dict[str, dict] = {}
+    for site in planned:
+        att = site.attachment
+        if att.side is not None:
+            continue
+        block = backbone.branches[att.branch].blocks[att.layer]
+        path = block.module_path(block.layout.attn)
+        item = todo.setdefault(path, {"convention": block.layout.attention, "width": block.dim, "hooked": set(),
+                                      "takeover": False})
+        if att.attention == path:
+            item["takeover"] = True
+        elif att.owner.startswith(path + "."):
+            item["hooked"].add(att.owner)
+    for path, item in todo.items():
+        if item["takeover"] or item["hooked"]:
+            check_attention(model, path, item["convention"], item["width"], sorted(item["hooked"]), item["takeover"])
