@@ -2,6 +2,7 @@
 
 from . import backbones, methods  # noqa: F401  (registers built-in families and methods)
 from .api import aux_loss, eject, inject, merge
+from .backbones.discover import discover
 from .errors import CheckpointError, DiscoveryError, InjectionError, InputError, PetlError, SpecError, UnsupportedError
 from .interop.peft import export_peft
 from .io import adapter_state_dict, load_adapters, save_adapters
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "DiscoveryError", "InjectionError", "InputError", "MethodEntry", "PetlError", "Spec", "SpecError",
     "UnsupportedError", "Where",
-    "adapter_state_dict", "aux_loss", "eject", "export_peft", "inject", "load_adapters", "merge", "save_adapters", "summary",
+    "adapter_state_dict", "aux_loss", "discover", "eject", "export_peft", "inject", "load_adapters", "merge", "save_adapters", "summary",
 ]

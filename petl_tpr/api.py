@@ -11,6 +11,7 @@ from .attach import Attachment, adapter_module, attach, detach, fold
 from .backbones.discover import discover
 from .errors import InjectionError
 from .registry import METHODS
+from .nested import renest, unnest
 from .probe import check_planned
 from .runcheck import arm, forget
 from .spec import Spec
@@ -99,6 +100,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
         injection.spec = spec if prior.spec is None else prior.spec + spec
         injection.attachments = prior.attachments + done
     arm(model, [_run_site(model, backbone, att) for att in done])
+    unnest(model, [b.path for b in backbone.branches.values()])
     if freeze:
         adapters = {id(p) for p in adapter_parameters(model).values()}
         for param in model.parameters():
@@ -121,6 +123,7 @@ def eject(model: nn.Module) -> None:
     forget(model, [att.state_prefix for att in injection.attachments])
     for att in reversed(injection.attachments):
         detach(model, att)
+    renest(model)
     for name, param in model.named_parameters():
         if name in injection.requires_grad:
             param.requires_grad_(injection.requires_grad[name])

@@ -148,3 +148,9 @@ def pending_sites(model: nn.Module) -> dict[str, list[str]]:
     """Enclosing module -> the adapters whose run is not verified yet (empty once every block ran)."""
     check = check_of(model)
     return {} if check is None else {p: list(v.values()) for p, v in check.pending.items()}
+
+
+def pending_keys(model: nn.Module) -> set[str]:
+    """State prefixes of the adapters whose run is not verified yet."""
+    check = check_of(model)
+    return set() if check is None else {key for sites in check.pending.values() for key in sites}

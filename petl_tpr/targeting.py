@@ -137,6 +137,8 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
                 raise SpecError(f"entry {entry.name!r}, branch {branch_name!r}: {error}") from None
             if slot == "side":
                 sites = [_side_site(model, backbone.branches[branch_name], layers, entry)] if layers else []
+                for site in sites:
+                    _check_side_owner(site, planned, backbone)
             else:
                 sites = [_site(model, blocks[i], role, slot, entry) for i in layers for role in entry.roles]
             for site in sites:
@@ -149,6 +151,17 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
             raise SpecError(f"entry {entry.name!r} selects no site (where={entry.where.to_dict()}); "
                             f"branches: {_describe(backbone)}; roles for {entry.method}: {', '.join(allowed)}")
     return planned
+
+
+def _check_side_owner(site: PlannedSite, planned: list[PlannedSite], backbone: Backbone) -> None:
+    """Two branches whose blocks end at one norm (CoCa's interleaved decoder stacks) cannot each have a side network."""
+    att = site.attachment
+    for other in planned:
+        o = other.attachment
+        if o.side is not None and o.entry == att.entry and o.owner == att.owner:
+            raise SpecError(f"entry {att.entry!r} ({att.method}): branches {o.branch!r} and {att.branch!r} both end at "
+                            f"'{att.owner}' (their blocks interleave), so a side network per branch cannot tell their "
+                            f"outputs apart; select one of them with where.branches; branches: {_describe(backbone)}")
 
 
 def _check_free(site: PlannedSite, taken: dict[tuple[str, str], list[Attachment]]) -> None:

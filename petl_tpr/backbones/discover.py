@@ -36,6 +36,25 @@ class Backbone:
             for b in self.branches.values()
         )
 
+    def report(self) -> str:
+        """What `inject` will work with, to check before training: per branch, its blocks and roles."""
+        lines = []
+        for b in self.branches.values():
+            first = b.blocks[0]
+            layout = first.layout
+            pooled = FAMILIES[first.family].global_token(b.name) if first.family in FAMILIES else "?"
+            widths = sorted({blk.dim for blk in b.blocks})
+            lines.append(f"{b.name}: {len(b.blocks)} {b.family} blocks at '{b.path}', width "
+                         f"{'/'.join(map(str, widths))}, final norm {b.final_norm or 'none'}, pooled token {pooled}"
+                         + (f", token embedding {b.token_embedding}" if b.token_embedding and pooled == "eot" else ""))
+            roles = ", ".join(f"{r}={p.key[len(first.path) + 1:]}" for r, p in first.projections.items())
+            lines.append(f"  block 0 '{first.path}': {roles}; norms {layout.norm1}, {layout.norm2} "
+                         f"({'pre' if first.pre_norm else 'post'}-norm); attention takeover: "
+                         f"{layout.attention or 'none (prefixes refused)'}")
+        return "\n".join(lines)
+
+    __str__ = report
+
     def fingerprint(self) -> dict[str, dict[str, object]]:
         """What a checkpoint records to check that it fits a model."""
         return {n: {"family": b.family, "layers": len(b.blocks), "dim": b.dim} for n, b in self.branches.items()}
@@ -215,7 +234,7 @@ def discover(model: nn.Module) -> Backbone:
         name = kind if kind not in branches else _own_name(kind, group, set(branches))
         rows = [row for stack in members for row in stacks[stack]]
         blocks = tuple(
-            Block(path, name, i, family, dim, layout, projections)
+            Block(path, name, i, family, dim, layout, projections, layout.pre_norm(model.get_submodule(path)))
             for i, (path, family, layout, dim, projections) in enumerate(rows)
         )
         families = {b.family for b in blocks}

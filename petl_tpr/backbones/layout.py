@@ -159,6 +159,7 @@ class Block:
     dim: int
     layout: BlockLayout
     projections: dict[str, Projection] = field(hash=False, compare=False)
+    pre_norm: bool = field(default=True, compare=False)   # layout.pre_norm of this block, read at discovery
 
     def module_path(self, relative: str) -> str:
         return f"{self.path}.{relative}" if self.path else relative
