@@ -70,6 +70,10 @@ class Tap:
         self.state, self.kind, self.index = state, kind, index
 
     def __call__(self, module: nn.Module, args: tuple, third: Any) -> None:
+        if self.kind != "ids" and self.state.hidden[self.index] is not None:
+            raise InjectionError("a block tapped by a side network ran twice in one forward (one layer's weights shared "
+                                 "by several layer positions, as in ALBERT, or a final norm called twice): the side "
+                                 "network cannot tell the calls apart; side networks do not serve this model")
         if self.kind == "output":
             self.state.hidden[self.index] = _tensor(third).detach()
             return

@@ -34,6 +34,11 @@ def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: Metho
                         f"the layers of one stage with where.layers")
     first = blocks[0]
     owner = branch.final_norm or blocks[-1].path
+    if len(blocks) == 1 and owner == first.path:
+        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} is one block with no final norm "
+                        f"('{first.path}'); a model may call such a block several times per forward (ALBERT shares one "
+                        f"layer's weights across all layer positions), and a side network would then add its correction "
+                        f"after every call")
     family = FAMILIES[first.family]
     global_token = family.global_token(branch.name)
     if global_token not in ("first", "eot"):

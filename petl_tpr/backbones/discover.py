@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import DiscoveryError
 from ..registry import FAMILIES
 from .ends import final_norm, token_embedding
+from .structural import STRUCTURAL, infer_layout
 from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm
 
 
@@ -110,12 +111,18 @@ def match_layout(block: nn.Module, layout: BlockLayout, prefix: str) -> tuple[in
     return int(norms[0].weight.shape[0]), projections
 
 
-def _match_block(module: nn.Module, prefix: str) -> tuple[str, BlockLayout, int, dict[str, Projection]] | None:
+def _match_block(module: nn.Module, prefix: str, in_list: bool) -> tuple[str, BlockLayout, int, dict[str, Projection]] | None:
+    """The first registered layout that fits; else, for an element of a list, one read from its structure."""
     for family in FAMILIES.values():
         for layout in family.layouts:
             found = match_layout(module, layout, prefix)
             if found is not None:
                 return family.name, layout, found[0], found[1]
+    if in_list and STRUCTURAL in FAMILIES:
+        layout = infer_layout(module)
+        found = match_layout(module, layout, prefix) if layout is not None else None
+        if found is not None:
+            return STRUCTURAL, layout, found[0], found[1]
     return None
 
 
@@ -211,12 +218,14 @@ def discover(model: nn.Module) -> Backbone:
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") for p in matched_prefixes):
             continue
-        hit = _match_block(module, path)
-        if hit is not None and "." in path:
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+        hit = _match_block(module, path, isinstance(parent, (nn.ModuleList, nn.Sequential))) if "." in path else None
+        if hit is not None:
             found.append((path, *hit))
             matched_prefixes.append(path)
     if not found:
         raise DiscoveryError(_nothing_found_message(model))
+    _check_whole_stacks(model, [row[0] for row in found])
     stacks: dict[str, list] = {}
     for path, family, layout, dim, projections in found:
         stacks.setdefault(path.rsplit(".", 1)[0], []).append((path, family, layout, dim, projections))
@@ -242,6 +251,24 @@ def discover(model: nn.Module) -> Backbone:
                                 final_norm=final_norm(model, group, roots),
                                 token_embedding=token_embedding(model, group, roots))
     return Backbone(branches)
+
+
+def _check_whole_stacks(model: nn.Module, blocks: list[str]) -> None:
+    """A stack whose other elements of the same class were not recognised would be adapted in part: refuse."""
+    by_stack: dict[str, set[str]] = {}
+    for path in blocks:
+        by_stack.setdefault(path.rsplit(".", 1)[0], set()).add(path.rsplit(".", 1)[1])
+    for stack, names in by_stack.items():
+        container = model.get_submodule(stack)
+        kinds = {type(container.get_submodule(n)) for n in names}
+        missed = [n for n, child in container.named_children() if n not in names and type(child) in kinds]
+        if missed:
+            child = container.get_submodule(missed[0])
+            raise DiscoveryError(
+                f"'{stack}' holds {len(names) + len(missed)} {type(child).__name__} blocks but only {len(names)} could be "
+                f"read as transformer blocks (not: {', '.join(missed[:8])}{' ...' if len(missed) > 8 else ''}); adapting "
+                f"part of a stack would be silently partial. Describe the block with a BlockLayout in a family file "
+                f"(docs/adding.md)")
 
 
 def _vision_owners(vision_stacks: tuple[str, ...]) -> tuple[str, ...]:

@@ -1,0 +1,20 @@
+"""The structural family: blocks read from their structure when no family table fits (structural.py).
+
+Registered last, so every table family is tried first. Its blocks have no takeover convention, so
+prefix methods are refused on them with a clear error at inject.
+"""
+
+from __future__ import annotations
+
+from ..registry import register_family
+from .layout import Family
+from .structural import STRUCTURAL, tiny_example
+
+FAMILY = register_family(Family(
+    name=STRUCTURAL,
+    layouts=(),
+    description="any block with two norms, q/k/v (separate or fused) + output projection and a 2- or 3-Linear MLP, "
+                "read from its structure (names tell q from k from v); pre/post-norm from one probe call",
+    example=tiny_example,
+    refuses=("prefix", "s-prefix"),
+))
