@@ -112,6 +112,7 @@ def plot(results: dict, path: Path) -> None:
     bars = ax.bar(names, values, color=["tab:green" if results["cases"][n]["error"] is None else "tab:red"
                                         for n in names])
     ax.bar_label(bars, labels=[f"{v:.1f} MB" for v in values])
+    ax.set_ylim(0, max(values) * 1.25 + 1)
     ax.set_ylabel("peak RSS above before (MB)")
     ax.set_title(f"load_adapters on {results['model']}: refused (red) vs good (green)", fontsize=9)
     fig.tight_layout()

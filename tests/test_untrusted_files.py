@@ -12,6 +12,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import petl_tpr as pt
@@ -213,7 +215,7 @@ def test_config_types_are_spec_errors(config, fragment):
     ({"method": "lora", "name": 3}, "entry name must be a string"),
     ({"method": "lora", "compose": ["add"]}, "compose must be"),
     ({"method": "adapter", "config": [1]}, "must be a AdapterConfig or a dict"),
-    ({"method": "moa", "config": {"branch_scale": {"text": "x"}}}, "MoAConfig.branch_scale must be"),
+    ({"method": "moa", "config": {"branch_scale": {"text": "x"}}}, "MoAConfig.branch_scale entries must be"),
     ({"method": "adapter", "config": {"bias": 1}}, "AdapterConfig.bias must be true or false, got 1"),
 ])
 def test_malformed_entries_are_spec_errors(entry, fragment):
@@ -256,3 +258,49 @@ def test_a_spec_that_fits_is_not_refused(monkeypatch):
     pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "lora", "config": {"rank": 1000}}]}))   # 8 x 256 KB
     monkeypatch.setattr(sizes, "available_bytes", lambda device: None)   # unknown: no refusal
     pt.inject(model, pt.Spec.from_dict({"entries": [{"method": "adapter"}]}))
+
+
+def test_a_spec_is_data_whatever_its_sizes():
+    """Parsing never allocates for the sizes a spec names (only injecting would, and refuses first)."""
+    import tracemalloc
+
+    text = json.dumps({"entries": [{"method": "lora", "config": {"rank": 10**12}},
+                                   {"method": "moa", "config": {"experts": 10**12, "width": 10**12}},
+                                   {"method": "unipt", "config": {"width": 10**12}}]})
+    tracemalloc.start()
+    spec = pt.Spec.from_json(text)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert spec.entries[0].config.rank == 10**12 and peak < 2**20
+
+
+_KEYS = st.sampled_from(["method", "config", "where", "name", "compose", "entries", "version", "branches", "layers",
+                         "roles", "rank", "alpha", "width", "reduction", "length", "experts", "top_k", "scale",
+                         "branch_scale", "reparam", "bias", "mode", "activation", "scaling", "router", "x"])
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(), st.text(max_size=6),
+                     st.sampled_from(["lora", "adapter", "l-adapter", "prefix", "s-prefix", "moa", "unipt", "q", "k",
+                                      "mlp", "attn", "norm1", "text", "1:2", "add", "relu", "learnable", "parallel"]))
+_DATA = st.recursive(_SCALARS, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(_KEYS, c, max_size=5)),
+                     max_leaves=16)
+_ENTRY = st.fixed_dictionaries(
+    {"method": st.sampled_from(["lora", "adapter", "l-adapter", "prefix", "s-prefix", "moa", "unipt"])},
+    optional={"config": st.dictionaries(_KEYS, _DATA, max_size=4), "where": _DATA, "name": _DATA, "compose": _DATA})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(_DATA, st.fixed_dictionaries({"entries": st.lists(_ENTRY, max_size=3)}, optional={"version": _DATA})))
+def test_any_json_gives_a_spec_or_a_spec_error(data):
+    try:
+        spec = pt.Spec.from_json(json.dumps(data))
+    except pt.SpecError:
+        return
+    assert pt.Spec.from_json(spec.to_json()) == spec
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_any_string_gives_a_spec_or_a_spec_error(text):
+    try:
+        pt.Spec.from_json(text)
+    except pt.SpecError:
+        pass

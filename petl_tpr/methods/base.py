@@ -143,19 +143,24 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple:
+        return f"an object or a list of [{', '.join(_describe(a) for a in typing.get_args(args[0]))}] pairs"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is tuple:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args[-1] is Ellipsis \
-            else f"a list of {len(args)}"
+        return f"a list [{', '.join(_describe(a) for a in args)}]"
     return {bool: "true or false", int: "an int", float: "a finite number", str: "a string",
             type(None): "null"}.get(hint, str(hint))
 
 
 def check_field_types(cls: type, values: Mapping[str, Any]) -> None:
     """SpecError naming the first field whose value does not fit its annotation (bool is not an int,
-    an int is a number, NaN/inf are not, a string is not a list of roles)."""
+    an int is a number, NaN/inf are not, a string is not a list of roles). Fields a config lists in
+    its `_own_checks` class attribute are left to its `__post_init__`."""
     hints = typing.get_type_hints(cls)
+    skip = getattr(cls, "_own_checks", ())
     for name, value in values.items():
-        if name in hints and not _matches(value, hints[name]):
+        if name in hints and name not in skip and not _matches(value, hints[name]):
             raise SpecError(f"{cls.__name__}.{name} must be {_describe(hints[name])}, got {_short(value)}")
 
 

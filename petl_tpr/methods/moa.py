@@ -55,6 +55,7 @@ class MoAConfig:
     alpha_init: float = 0.5
     lb_weight: float = 0.5
     roles: tuple[str, ...] = ROLES
+    _own_checks = ("branch_scale",)   # not a field: `_pairs` checks and normalises branch_scale itself
 
     def __post_init__(self) -> None:
         check_fields(self)
