@@ -83,6 +83,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_UNREADABLE = (SafetensorError, ValueError, OSError, UnicodeDecodeError)
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}")
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,8 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: no such file")
     try:
         return safe_open(str(path), framework="pt")
-    except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}") from None
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from None
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -117,8 +122,8 @@ def read_header(path: str | os.PathLike) -> Header:
             slices = {key: handle.get_slice(key) for key in handle.keys()}
             shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
             dtypes = {key: s.get_dtype() for key, s in slices.items()}
-    except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}") from None
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from None
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is a safetensors file but not a petl_tpr adapter file "
                               f"(metadata format={metadata.get('format')!r})")
@@ -132,7 +137,7 @@ def _read_tensors(path: Path, keys) -> dict[str, torch.Tensor]:
     try:
         with _open(path) as handle:
             return {key: handle.get_tensor(key) for key in keys}
-    except (SafetensorError, ValueError, OSError, UnicodeDecodeError, RuntimeError) as error:
+    except (*_UNREADABLE, RuntimeError) as error:
         raise CheckpointError(f"{path}: could not read the tensor data: {error}") from None
 
 
@@ -220,6 +225,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, allow_non_finite
         _check_shapes(header.shapes, live_shapes, path, "in the model")
     _check_dtypes(header.dtypes, path)
     tensors = _read_tensors(path, sorted(header.shapes))   # now bounded by the expected sizes
+    _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, header.shapes, path,
+                  "in its header (the file changed while it was read)")
     if not allow_non_finite:
         _check_finite(tensors, path)
     if injected_here:
