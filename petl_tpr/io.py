@@ -1,8 +1,12 @@
 """Adapter-only checkpoints in safetensors: only adapter tensors; spec, backbone and version in metadata.
 
 Keys are `<site key>.<entry>.<param>`, e.g. `vision_model.encoder.layers.0.self_attn.k_proj.lora.lora_a`.
-Loading checks format, version, backbone, every key and every shape before it copies anything; into a
-model with no adapters it first injects the stored spec (and ejects it again if a check fails).
+A file may come from anyone, so loading checks, in this order and before it builds or copies
+anything: the file and its header (format, version), the stored spec and backbone, every key, shape
+and dtype in the header against the shapes the stored spec implies for this model (computed by
+`targeting.plan` and `Method.param_shapes`, nothing built, no tensor data read), then the tensor
+data (finite, unless `allow_non_finite`). Only then does it inject the stored spec (into a model
+with no adapters) and copy. No pickle is ever read. See docs/checkpoints.md.
 Saving writes a temporary file beside the target and renames it over the target, so a crash mid-save
 leaves the previous file intact.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +27,9 @@ from .api import adapter_parameters, eject, get_injection, inject
 from .atomic import write_atomic
 from .backbones.discover import discover
 from .errors import CheckpointError, SpecError
+from .sizes import human, numel, planned_shapes
 from .spec import Spec
+from .targeting import plan
 
 FORMAT_NAME = "petl_tpr.adapters"
 FORMAT_VERSION = 1
@@ -33,8 +40,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
+def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; save_adapters writes one file: give a file path such as "
+                              f"{path / 'adapters.safetensors'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot save to {path}: {parent} is a file, not a directory")
+            break
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, str] | None = None) -> Path:
     """Write the adapters of `model` to `path` atomically; returns the path."""
+    path = Path(path)
+    _check_target(path)
     injection = get_injection(model)
     if injection is None:
         raise CheckpointError("this model has no adapters to save (call inject first)")
@@ -54,31 +74,83 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str,
         **(extra or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if extra and not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise CheckpointError("extra metadata must map strings to strings (safetensors stores strings only)")
+    try:
+        return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except OSError as error:   # the previous file, if any, is left as it was
+        raise CheckpointError(f"could not write {path}: {error}") from error
 
 
-def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an adapter file, with format and version checked."""
-    path = Path(path)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_UNREADABLE = (SafetensorError, ValueError, OSError, UnicodeDecodeError)
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an adapter file's header says, read without touching its tensor data."""
+
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]      # safetensors dtype names: "F32", "BF16", ...
+
+
+def _open(path: Path):
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not an adapter file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        return safe_open(str(path), framework="pt")
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from None
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Metadata, shapes and dtypes of an adapter file, with format and version checked; no tensor data is read.
+
+    safetensors checks on opening that the header's offsets and sizes match the file's length.
+    """
+    path = Path(path)
+    try:
+        with _open(path) as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or another format): {error}") from None
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from None
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is a safetensors file but not a petl_tpr adapter file "
                               f"(metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
         raise CheckpointError(f"{path} has adapter format version {version!r}; this petl_tpr reads version {FORMAT_VERSION}")
-    return tensors, metadata
+    return Header(metadata, shapes, dtypes)
+
+
+def _read_tensors(path: Path, keys) -> dict[str, torch.Tensor]:
+    try:
+        with _open(path) as handle:
+            return {key: handle.get_tensor(key) for key in keys}
+    except (*_UNREADABLE, RuntimeError) as error:
+        raise CheckpointError(f"{path}: could not read the tensor data: {error}") from None
+
+
+def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, with format and version checked."""
+    header = read_header(path)
+    return _read_tensors(Path(path), sorted(header.shapes)), header.metadata
 
 
 def _check_backbone(model: nn.Module, stored: dict, path: Path) -> None:
     actual = discover(model).fingerprint()
+    if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+        raise CheckpointError(f"{path}: backbone metadata must map branch names to objects, got {str(stored)[:80]}")
     for name, info in stored.items():
         if name not in actual:
             raise CheckpointError(f"{path} was saved on a backbone with branch {name!r} ({info}); this model has "
@@ -87,34 +159,85 @@ def _check_backbone(model: nn.Module, stored: dict, path: Path) -> None:
             raise CheckpointError(f"{path}: branch {name!r} was {info} when saved but is {actual[name]} in this model")
 
 
-def _check_tensors(file: dict[str, torch.Tensor], live: dict[str, nn.Parameter], path: Path) -> None:
+def _check_shapes(file: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], path: Path,
+                  source: str) -> None:
+    """Keys in both directions, then shapes; `source` says where `expected` comes from."""
     for key in file:
-        if key not in live:
+        if key not in expected:
             raise CheckpointError(f"{path}: tensor {key!r} has no matching adapter parameter in the model")
-    for key, param in live.items():
+    for key, shape in expected.items():
         if key not in file:
-            raise CheckpointError(f"{path}: adapter parameter {key!r} {tuple(param.shape)} is missing from the file")
-        if tuple(file[key].shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(file[key].shape)} in the file "
-                                  f"but {tuple(param.shape)} in the model")
+            raise CheckpointError(f"{path}: adapter parameter {key!r} {shape} is missing from the file")
+    for key, shape in expected.items():
+        if file[key] != shape:
+            want, have = sum(numel(s) for s in expected.values()), sum(numel(s) for s in file.values())
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {file[key]} in the file but {shape} {source} "
+                f"({numel(file[key]):,} vs {numel(shape):,} elements; in all, the file holds {have:,} and "
+                f"the model would need {want:,}, {human(4 * want)} in float32)")
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter file into `model`, injecting its stored spec first if the model has no adapters."""
-    path = Path(path)
-    tensors, metadata = read_adapters(path)
+def _check_dtypes(dtypes: dict[str, str], path: Path) -> None:
+    for key in sorted(dtypes):
+        if dtypes[key] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtypes[key]}; adapter tensors are floating "
+                                  f"point ({', '.join(FLOAT_DTYPES)})")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for key in sorted(tensors):
+        bad = ~torch.isfinite(tensors[key])
+        if bool(bad.any()):
+            nan = int(torch.isnan(tensors[key]).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} holds {int(bad.sum())} non-finite value(s) ({nan} NaN, "
+                                  f"the rest inf); the run it comes from diverged. Pass allow_non_finite=True to "
+                                  f"load it anyway (for debugging)")
+
+
+def _stored(metadata: dict[str, str], path: Path) -> tuple[Spec, dict]:
     try:
         spec = Spec.from_json(metadata["spec"])
-        stored_backbone = json.loads(metadata["backbone"])
-    except (KeyError, SpecError, json.JSONDecodeError) as error:
+        backbone = json.loads(metadata["backbone"])
+    except (KeyError, SpecError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{path}: unreadable spec or backbone metadata: {error}") from None
+    return spec, backbone
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, allow_non_finite: bool = False) -> nn.Module:
+    """Load an adapter file into `model`, injecting its stored spec first if the model has no adapters.
+
+    Everything is checked before anything is built or copied (docs/checkpoints.md); a refused file
+    leaves the model as it was. `allow_non_finite` lets NaN/inf tensors through (a diverged run).
+    """
+    path = Path(path)
+    header = read_header(path)
+    spec, stored_backbone = _stored(header.metadata, path)
     _check_backbone(model, stored_backbone, path)
     injected_here = get_injection(model) is None
     if injected_here:
-        inject(model, spec)
+        try:   # the stored spec's sites and parameter shapes on this model: planned, not built
+            planned = plan(model, spec, discover(model), [], fits=False)
+        except SpecError as error:
+            raise CheckpointError(f"{path}: the stored spec does not apply to this model: {error}") from None
+        _check_shapes(header.shapes, planned_shapes(planned), path, "as the stored spec implies for this model")
+    else:
+        live_shapes = {k: tuple(p.shape) for k, p in adapter_parameters(model).items()}
+        _check_shapes(header.shapes, live_shapes, path, "in the model")
+    _check_dtypes(header.dtypes, path)
+    tensors = _read_tensors(path, sorted(header.shapes))   # now bounded by the expected sizes
+    _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, header.shapes, path,
+                  "in its header (the file changed while it was read)")
+    if not allow_non_finite:
+        _check_finite(tensors, path)
+    if injected_here:
+        try:
+            inject(model, spec)
+        except SpecError as error:
+            raise CheckpointError(f"{path}: the stored spec does not fit this model: {error}") from None
     try:
         live = adapter_parameters(model)
-        _check_tensors(tensors, live, path)
+        _check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
+                      {k: tuple(p.shape) for k, p in live.items()}, path, "in the model")
     except BaseException:
         if injected_here:
             eject(model)

@@ -27,16 +27,36 @@ SPEC_VERSION = 1
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _layers_from(value: Any) -> tuple[int, ...] | str | None:
     if value is None or isinstance(value, str):
-        if isinstance(value, str) and not re.fullmatch(r"-?\d*:-?\d*", value):
-            raise SpecError(f"layers string must look like 'start:stop', got {value!r}")
+        if isinstance(value, str) and not re.fullmatch(r"-?\d{0,9}:-?\d{0,9}", value):
+            raise SpecError(f"layers string must look like 'start:stop', got {_short(value)}")
         return value
-    if isinstance(value, int):
+    if _is_int(value):
         return (value,)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
         return tuple(value)
-    raise SpecError(f"layers must be null, a list of ints or 'start:stop', got {value!r}")
+    raise SpecError(f"layers must be null, a list of ints or 'start:stop', got {_short(value)}")
+
+
+def _names_from(field: str, value: Any) -> tuple[str, ...] | None:
+    """A `where` list of names: null, one string, or a list of strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise SpecError(f"where.{field} must be null, a name or a list of names, got {_short(value)}")
 
 
 @dataclass(frozen=True)
@@ -49,11 +69,7 @@ class Where:
 
     def __post_init__(self) -> None:
         for name in ("branches", "roles"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif value is not None:
-                object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, _names_from(name, getattr(self, name)))
         object.__setattr__(self, "layers", _layers_from(self.layers))
 
     def layer_indices(self, count: int) -> list[int]:
@@ -86,24 +102,30 @@ class MethodEntry:
     compose: str = "error"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SpecError(f"unknown method {self.method!r}; available methods: {', '.join(sorted(METHODS))}")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise SpecError(f"unknown method {_short(self.method)}; available methods: {', '.join(sorted(METHODS))}")
         cls = METHODS[self.method].config_cls
         if self.config is None or isinstance(self.config, dict):
             object.__setattr__(self, "config", config_from_dict(cls, self.config or {}))
         elif not isinstance(self.config, cls):
             raise SpecError(f"config of {self.method!r} must be a {cls.__name__} or a dict, got {type(self.config).__name__}")
+        if self.where is None:
+            object.__setattr__(self, "where", Where())
+        elif not isinstance(self.where, (dict, Where)):
+            raise SpecError(f"where must be an object with branches, layers, roles; got {_short(self.where)}")
         if isinstance(self.where, dict):
             unknown = set(self.where) - {"branches", "layers", "roles"}
             if unknown:
-                raise SpecError(f"where has no field(s) {sorted(unknown)}; fields: branches, layers, roles")
+                raise SpecError(f"where has no field(s) {sorted(unknown, key=repr)}; fields: branches, layers, roles")
             object.__setattr__(self, "where", Where(**self.where))
+        if not isinstance(self.name, str):
+            raise SpecError(f"entry name must be a string, got {_short(self.name)}")
         name = self.name or self.method.replace("-", "_")
         if not _NAME.match(name):
             raise SpecError(f"entry name {name!r} must match {_NAME.pattern} (it is part of checkpoint keys)")
         object.__setattr__(self, "name", name)
-        if self.compose not in ("error", "add"):
-            raise SpecError(f"compose must be 'error' or 'add', got {self.compose!r}")
+        if not isinstance(self.compose, str) or self.compose not in ("error", "add"):
+            raise SpecError(f"compose must be 'error' or 'add', got {_short(self.compose)}")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -116,11 +138,11 @@ class MethodEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodEntry":
         if not isinstance(data, dict) or "method" not in data:
-            raise SpecError(f"a spec entry must be an object with a 'method' key, got {data!r}")
+            raise SpecError(f"a spec entry must be an object with a 'method' key, got {_short(data)}")
         unknown = set(data) - {"method", "name", "compose", "config", "where"}
         if unknown:
-            raise SpecError(f"spec entry has unknown key(s) {sorted(unknown)}")
-        return cls(method=data["method"], config=data.get("config"), where=data.get("where") or Where(),
+            raise SpecError(f"spec entry has unknown key(s) {sorted(unknown, key=repr)}")
+        return cls(method=data["method"], config=data.get("config"), where=data.get("where"),
                    name=data.get("name", ""), compose=data.get("compose", "error"))
 
 
@@ -158,16 +180,20 @@ class Spec:
     def from_dict(cls, data: dict[str, Any]) -> "Spec":
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise SpecError("a spec must be an object with an 'entries' list")
-        if data.get("version", SPEC_VERSION) != SPEC_VERSION:
-            raise SpecError(f"spec version {data.get('version')!r} is not supported (this is version {SPEC_VERSION})")
+        version = data.get("version", SPEC_VERSION)
+        if not _is_int(version) or version != SPEC_VERSION:
+            raise SpecError(f"spec version {_short(version)} is not supported (this is version {SPEC_VERSION})")
         return cls(tuple(MethodEntry.from_dict(e) for e in data["entries"]))
 
     @classmethod
     def from_json(cls, text: str) -> "Spec":
+        """Parse a spec; any string gives a Spec or a SpecError, and nothing is allocated for it."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise SpecError(f"a spec in JSON must be a string, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise SpecError(f"spec is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:   # JSONDecodeError, undecodable bytes, too-deep nesting
+            raise SpecError(f"spec is not valid JSON: {str(error)[:200]}") from None
         return cls.from_dict(data)
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .attach import Attachment, home_of
@@ -12,6 +13,7 @@ from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block,
 from .errors import SpecError
 from .registry import FAMILIES, METHODS
 from .side import SideSite
+from .sizes import check_fits
 from .spec import MethodEntry, Spec
 
 
@@ -114,8 +116,13 @@ def _describe(backbone: Backbone) -> str:
     return ", ".join(f"{b.name} ({len(b.blocks)} layers, {b.family})" for b in backbone.branches.values())
 
 
-def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attachment]) -> list[PlannedSite]:
-    """Every attachment the spec asks for, in spec order. Raises SpecError on anything wrong."""
+def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attachment], *,
+         fits: bool = True) -> list[PlannedSite]:
+    """Every attachment the spec asks for, in spec order. Raises SpecError on anything wrong.
+
+    Nothing is built: with `fits`, the parameters the sites would get (`Method.param_shapes`) are
+    summed and refused when they exceed the free memory of the model's device (`sizes.check_fits`).
+    """
     taken: dict[tuple[str, str], list[Attachment]] = {}
     stored: dict[tuple[str, str, str | None], Attachment] = {}
     for att in existing:
@@ -155,6 +162,9 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
         if count == 0:
             raise SpecError(f"entry {entry.name!r} selects no site (where={entry.where.to_dict()}); "
                             f"branches: {_describe(backbone)}; roles for {entry.method}: {', '.join(allowed)}")
+    if fits:
+        param = next(model.parameters(), None)
+        check_fits(planned, param.device if param is not None else torch.device("cpu"))
     return planned
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..backbones.layout import BRANCH_ROLES
 from ..errors import SpecError
 from ..registry import register_method
-from .base import Method, check_choice, check_positive, check_roles
+from .base import Method, check_choice, check_fields, check_positive, check_roles
 from .layers import ACTIVATIONS, Bottleneck
 
 
@@ -30,6 +30,7 @@ class AdapterConfig:
     roles: tuple[str, ...] = ("attn", "mlp")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive(self, "width", "reduction")
         if self.width is not None and self.reduction is not None:
             raise SpecError("AdapterConfig: give width or reduction, not both")
@@ -45,6 +46,11 @@ class AdapterConfig:
 def _build(config: AdapterConfig, d: int, prefix: str) -> Bottleneck:
     return Bottleneck(prefix=prefix, d_in=d, width=config.width_for(d), d_out=d, activation=config.activation,
                       bias=config.bias, scale=config.scale, learnable_scale=config.learnable_scale)
+
+
+def _shapes(config: AdapterConfig, d: int, prefix: str) -> dict[str, tuple[int, ...]]:
+    return Bottleneck.shapes(prefix=prefix, d_in=d, width=config.width_for(d), d_out=d, bias=config.bias,
+                             learnable_scale=config.learnable_scale)
 
 
 @register_method
@@ -63,6 +69,10 @@ class BottleneckAdapter(Method):
     @classmethod
     def build(cls, config: AdapterConfig, *, in_dim: int, out_dim: int, branch: str) -> nn.Module:
         return _build(config, in_dim, "adapter")
+
+    @classmethod
+    def param_shapes(cls, config: AdapterConfig, *, in_dim: int, out_dim: int, branch: str) -> dict[str, tuple]:
+        return _shapes(config, in_dim, "adapter")
 
     @classmethod
     def examples(cls):

@@ -14,7 +14,7 @@ from torch import nn
 from ..backbones.layout import NORM_ROLES
 from ..errors import SpecError
 from ..registry import register_method
-from .base import Method, check_choice, check_positive, check_roles
+from .base import Method, check_choice, check_fields, check_positive, check_roles
 from .layers import ACTIVATIONS, Bottleneck
 
 
@@ -27,11 +27,16 @@ class LAdapterConfig:
     roles: tuple[str, ...] = ("norm1", "norm2")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive(self, "width", "reduction")
         if self.width is not None and self.reduction is not None:
             raise SpecError("LAdapterConfig: give width or reduction, not both")
         check_choice(self, "activation", tuple(ACTIVATIONS))
         check_roles(self, NORM_ROLES)
+
+
+def _width(config: LAdapterConfig, d: int) -> int:
+    return config.width if config.width is not None else max(1, d // (config.reduction or 8))
 
 
 @register_method
@@ -43,9 +48,13 @@ class LAdapter(Method):
 
     @classmethod
     def build(cls, config: LAdapterConfig, *, in_dim: int, out_dim: int, branch: str) -> nn.Module:
-        width = config.width if config.width is not None else max(1, in_dim // (config.reduction or 8))
-        return Bottleneck(prefix="ladapter", d_in=in_dim, width=width, d_out=out_dim, activation=config.activation,
-                          bias=True, scale=config.init_scale, learnable_scale=True)
+        return Bottleneck(prefix="ladapter", d_in=in_dim, width=_width(config, in_dim), d_out=out_dim,
+                          activation=config.activation, bias=True, scale=config.init_scale, learnable_scale=True)
+
+    @classmethod
+    def param_shapes(cls, config: LAdapterConfig, *, in_dim: int, out_dim: int, branch: str) -> dict[str, tuple]:
+        return Bottleneck.shapes(prefix="ladapter", d_in=in_dim, width=_width(config, in_dim), d_out=out_dim,
+                                 bias=True, learnable_scale=True)
 
     @classmethod
     def examples(cls):

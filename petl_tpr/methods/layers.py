@@ -43,6 +43,17 @@ class Bottleneck(nn.Module):
         else:
             self.fixed_scale = float(scale)
 
+    @staticmethod
+    def shapes(*, prefix: str, d_in: int, width: int, d_out: int, bias: bool,
+               learnable_scale: bool) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes `__init__` creates with these arguments, by name, without allocating."""
+        out = {f"{prefix}_down_weight": (width, d_in), f"{prefix}_up_weight": (d_out, width)}
+        if bias:
+            out |= {f"{prefix}_down_bias": (width,), f"{prefix}_up_bias": (d_out,)}
+        if learnable_scale:
+            out[f"{prefix}_scale"] = ()
+        return out
+
     def _p(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"{self.prefix}_{name}", None)
 

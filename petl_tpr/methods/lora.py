@@ -17,7 +17,7 @@ from torch import nn
 from ..backbones.layout import PROJECTION_ROLES
 from ..errors import SpecError
 from ..registry import register_method
-from .base import Method, check_choice, check_positive, check_roles
+from .base import Method, check_choice, check_fields, check_positive, check_roles
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class LoRAConfig:
     roles: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive(self, "rank", "alpha")
         check_choice(self, "scaling", ("alpha/r", "learnable"))
         check_roles(self, PROJECTION_ROLES)
@@ -78,6 +79,11 @@ class LoRA(Method):
     @classmethod
     def build(cls, config: LoRAConfig, *, in_dim: int, out_dim: int, branch: str) -> nn.Module:
         return LoRADelta(config, in_dim, out_dim)
+
+    @classmethod
+    def param_shapes(cls, config: LoRAConfig, *, in_dim: int, out_dim: int, branch: str) -> dict[str, tuple]:
+        shapes = {"lora_a": (config.rank, in_dim), "lora_b": (out_dim, config.rank)}
+        return shapes | ({"lora_scale": ()} if config.scaling == "learnable" else {})
 
     @classmethod
     def examples(cls):

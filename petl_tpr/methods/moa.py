@@ -25,7 +25,7 @@ from ..errors import SpecError
 from ..kernels import RoutingError, routed_adapters
 from ..kernels.checks import ACTIVATIONS
 from ..registry import register_method
-from .base import Method, check_choice, check_positive, check_roles
+from .base import Method, check_choice, check_fields, check_positive, check_roles
 
 ROLES = ("mlp",)
 ROUTERS = ("domain", "linear")
@@ -55,8 +55,10 @@ class MoAConfig:
     alpha_init: float = 0.5
     lb_weight: float = 0.5
     roles: tuple[str, ...] = ROLES
+    _own_checks = ("branch_scale",)   # not a field: `_pairs` checks and normalises branch_scale itself
 
     def __post_init__(self) -> None:
+        check_fields(self)
         name = type(self).__name__
         for field in ("experts", "top_k"):
             if not _is_int(getattr(self, field)):
@@ -216,6 +218,17 @@ class MoA(Method):
         return MixtureOfAdapters(d=in_dim, width=config.width_for(in_dim), experts=config.experts,
                                  top_k=config.top_k, activation=config.activation, scale=config.scale_for(branch),
                                  router=config.router, alpha_init=config.alpha_init, lb_weight=config.lb_weight)
+
+    @classmethod
+    def param_shapes(cls, config: MoAConfig, *, in_dim: int, out_dim: int, branch: str) -> dict[str, tuple]:
+        if in_dim != out_dim:
+            raise SpecError(f"moa maps (..., d) to (..., d); site has in_dim={in_dim}, out_dim={out_dim}")
+        d, E, r = in_dim, config.experts, config.width_for(in_dim)
+        shapes = {"moa_norm_weight": (d,), "moa_norm_bias": (d,), "moa_down_weight": (E, d, r), "moa_down_bias": (E, r),
+                  "moa_up_weight": (E, r, d), "moa_up_bias": (E, d), "moa_router_weight": (E, d)}
+        if config.router == "domain":
+            shapes |= {"moa_domain_weight": (E, d), "moa_prompt": (d,), "moa_alpha": ()}
+        return shapes
 
     @classmethod
     def examples(cls):

@@ -24,7 +24,7 @@ from torch import nn
 from ..attention import MAX_PREFIX_LENGTH
 from ..errors import SpecError
 from ..registry import register_method
-from .base import Method, check_positive, check_roles
+from .base import Method, check_fields, check_positive, check_roles
 
 
 def _check_length(config) -> None:
@@ -42,6 +42,7 @@ class PrefixConfig:
     roles: tuple[str, ...] = ("attn",)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_length(self)
         check_positive(self, "reparam_hidden", "init_std")
         check_roles(self, ("attn",))
@@ -61,6 +62,15 @@ class KVPrefix(nn.Module):
             self.prefix_key = nn.Parameter(torch.randn(config.length, d) * config.init_std)
             self.prefix_value = nn.Parameter(torch.randn(config.length, d) * config.init_std)
 
+    @staticmethod
+    def shapes(config: PrefixConfig, d: int) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes `__init__` creates, by name, without allocating."""
+        L, h = config.length, config.reparam_hidden
+        if config.reparam:
+            return {"prefix_embedding": (L, d), "prefix_mlp.0.weight": (h, d), "prefix_mlp.0.bias": (h,),
+                    "prefix_mlp.2.weight": (2 * d, h), "prefix_mlp.2.bias": (2 * d,)}
+        return {"prefix_key": (L, d), "prefix_value": (L, d)}
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self, "prefix_mlp"):
             key, value = self.prefix_mlp(self.prefix_embedding).split(self.d, dim=-1)
@@ -77,6 +87,7 @@ class SPrefixConfig:
     roles: tuple[str, ...] = ("attn",)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_length(self)
         check_positive(self, "init_range")
         check_roles(self, ("attn",))
@@ -92,6 +103,12 @@ class SPrefix(nn.Module):
         self.sprefix_key_scale = nn.Parameter(torch.tensor(float(config.scale_init)))
         self.sprefix_value_scale = nn.Parameter(torch.tensor(float(config.scale_init)))
         self.sprefix_boost = nn.Parameter(torch.tensor(float(config.boost_init)))
+
+    @staticmethod
+    def shapes(config: SPrefixConfig, d: int) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes `__init__` creates, by name, without allocating."""
+        return {"sprefix_key": (config.length, d), "sprefix_value": (config.length, d), "sprefix_key_scale": (),
+                "sprefix_value_scale": (), "sprefix_boost": ()}
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = self.sprefix_key * self.sprefix_key_scale
@@ -110,6 +127,10 @@ class _KVMethod(Method):
     @classmethod
     def build(cls, config, *, in_dim: int, out_dim: int, branch: str) -> nn.Module:
         return cls.module(config, in_dim)
+
+    @classmethod
+    def param_shapes(cls, config, *, in_dim: int, out_dim: int, branch: str) -> dict[str, tuple]:
+        return cls.module.shapes(config, in_dim)
 
 
 @register_method

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_method
-from .base import Method, check_positive, check_roles
+from .base import Method, check_fields, check_positive, check_roles
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class UniPTConfig:
     roles: tuple[str, ...] = ("branch",)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive(self, "width")
         check_roles(self, ("branch",))
 
@@ -78,6 +79,16 @@ class UniPT(Method):
     @classmethod
     def build(cls, config: UniPTConfig, *, in_dim: int, out_dim: int, branch: str, taps: int = 1) -> nn.Module:
         return UniPTSide(in_dim, config.width, taps)
+
+    @classmethod
+    def param_shapes(cls, config: UniPTConfig, *, in_dim: int, out_dim: int, branch: str,
+                     taps: int = 1) -> dict[str, tuple]:
+        d, m = in_dim, config.width
+        shapes = {}
+        for name, (rows, cols) in [*((f"unipt_layers.{i}", (m, d)) for i in range(taps)),
+                                   ("unipt_anchor", (m, d)), ("unipt_gate", (1, m)), ("unipt_out", (d, m))]:
+            shapes |= {f"{name}.weight": (rows, cols), f"{name}.bias": (rows,)}
+        return shapes
 
     @classmethod
     def examples(cls):
