@@ -34,6 +34,12 @@ def method_cases() -> dict[str, list[dict]]:
     return cases
 
 
+def applicable_cases(family: str) -> dict[str, list[dict]]:
+    """`method_cases()` less the cases using a method the family refuses by design (Family.refuses)."""
+    refused = set(FAMILIES[family].refuses)
+    return {c: entries for c, entries in method_cases().items() if not {e["method"] for e in entries} & refused}
+
+
 @torch.no_grad()
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every adapter parameter random non-zero values, so adapters change the outputs."""

@@ -17,7 +17,7 @@ import torch
 import petl_tpr as pt
 from petl_tpr.registry import FAMILIES
 
-from conftest import family_example, method_cases, perturb
+from conftest import applicable_cases, family_example, method_cases, perturb
 
 CASES = method_cases()
 
@@ -33,6 +33,9 @@ def _inputs(family: str, batch: int):
     if family == "hf_bert":
         ids = torch.randint(1, 100, (batch, 10), generator=g)
         return lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    if family == "hf_decoder":
+        ids = torch.randint(1, 100, (batch, 10), generator=g)
+        return lambda m: m(input_ids=ids).last_hidden_state
     if family == "hf_vit":
         return lambda m: m(pixel_values=images).last_hidden_state
     if family == "open_clip":
@@ -78,7 +81,7 @@ def test_empty_batch_like_the_bare_model(family):
     bare, _ = family_example(family)
     bare_out, bare_error = _call(bare, family, 0)
     model, _ = family_example(family)
-    for case, entries in CASES.items():
+    for case, entries in applicable_cases(family).items():
         pt.inject(model, pt.Spec.from_dict({"entries": entries}))
         perturb(model)
         out, error = _call(model, family, 0)
