@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .attention import CONVENTIONS, release, state_of, take_over
+from .backbones.layout import is_conv1d
 from .errors import InjectionError, PetlError
 from .side import SideSite, attach_side, detach_side
 
@@ -214,6 +215,11 @@ def fold(model: nn.Module, att: Attachment) -> None:
     adapter = adapter_module(model, att)
     owner = model.get_submodule(att.owner)
     weight = getattr(owner, att.param or "weight")
-    target = weight if att.rows is None else weight[att.rows[0]:att.rows[1]]
-    target += adapter.delta_weight().to(weight.dtype)
+    delta = adapter.delta_weight().to(weight.dtype)            # (out, in)
+    if att.param is None and is_conv1d(owner):                  # Conv1D stores its weight (in, out)
+        target = weight if att.rows is None else weight[:, att.rows[0]:att.rows[1]]
+        target += delta.T
+    else:
+        target = weight if att.rows is None else weight[att.rows[0]:att.rows[1]]
+        target += delta
     detach(model, att)

@@ -18,7 +18,7 @@ from ..errors import DiscoveryError
 from ..registry import FAMILIES
 from .ends import final_norm, token_embedding
 from .structural import STRUCTURAL, infer_layout
-from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm
+from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm, linear_dims
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ def _resolve_projection(block: nn.Module, role: str, ref: ProjectionRef, prefix:
     if ref.param is None:
         if not is_linear(owner):
             return None
-        weight = owner.weight
+        in_dim, out_total = linear_dims(owner)
     else:
         weight = getattr(owner, ref.param, None)   # a Parameter, or a plain Tensor if the user parametrized it
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
-    out_total, in_dim = weight.shape
+        out_total, in_dim = weight.shape
     if ref.part is None:
         return Projection(role, owner_path, ref.param, None, in_dim, out_total)
     if out_total % ref.parts:

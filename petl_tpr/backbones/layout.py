@@ -48,8 +48,23 @@ class ProjectionRef:
     parts: int = 3
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style `Conv1D`: `y = x @ weight + bias` with `weight (in, out)` and `nf == out`."""
+    weight = getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+    """A projection `x -> x W^T + b` whatever its storage: nn.Linear, or a Conv1D (transposed weight)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
 
 
 def is_norm(module: nn.Module) -> bool:

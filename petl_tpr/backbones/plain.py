@@ -17,4 +17,7 @@ FAMILY = register_family(Family(
                 "read from its structure (names tell q from k from v); pre/post-norm from one probe call",
     example=tiny_example,
     refuses=("prefix", "s-prefix"),
+    # a ViT read by structure pools its class token; a text stack's pooling cannot be read (CLS for BERT-like
+    # encoders, the last token for GPT-2, none for T5): side networks are refused there rather than guessed
+    global_token=lambda branch: "first" if branch == "vision" else "none",
 ))

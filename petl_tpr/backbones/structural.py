@@ -4,7 +4,7 @@ For a module that is one element of a ModuleList or Sequential, `infer_layout` l
 - the width d: every norm of the block's residual stream (LayerNorm, RMSNorm or a `*Norm` class
   with a 1-d weight of size d); exactly two of them;
 - the attention: three Linears reading d (q, k, v; k and v may be narrower, as with grouped-query
-  heads) or one fused Linear d -> 3d (rows q|k|v), told apart by their names (`q`, `query`,
+  heads) or one fused Linear d -> 3d (rows q|k|v); GPT-2's `Conv1D` counts as a Linear, told apart by their names (`q`, `query`,
   `q_proj`, `to_q`, `wq`, ... and `qkv`, `c_attn`, `Wqkv`, ...), and an output Linear back to d;
 - the MLP: the remaining Linears, `fc1` d -> m and `fc2` m -> d, or a gated MLP with two d -> m
   (the one named `gate`/`w1`... is the gate, which gets no role) and m -> d;
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import BlockLayout, ProjectionRef, is_norm
+from .layout import BlockLayout, ProjectionRef, is_linear, is_norm, linear_dims
 
 _Q, _K, _V = {"q", "query", "wq", "toq"}, {"k", "key", "wk", "tok"}, {"v", "value", "wv", "tov"}
 _FUSED = {"qkv", "cattn", "wqkv", "inproj", "toqkv", "querykeyvalue"}
@@ -44,7 +44,8 @@ def _word(name: str) -> str:
 
 
 def _linears(block: nn.Module) -> list[tuple[str, int, int]]:
-    return [(n, m.in_features, m.out_features) for n, m in block.named_modules() if isinstance(m, nn.Linear) and n]
+    """(path, in, out) of every linear-like module (nn.Linear, GPT-2's Conv1D) in the block."""
+    return [(n, *linear_dims(m)) for n, m in block.named_modules() if n and is_linear(m)]
 
 
 def _parent(path: str) -> str:
@@ -78,7 +79,7 @@ def _attention(linears: list[tuple[str, int, int]], d: int) -> dict[str, Any] | 
             found[role] = hits[0]
         refs = {r: ProjectionRef(found[r][0]) for r in "qkv"}
         qkv_paths, inner_dim = [found[r][0] for r in "qkv"], found["q"][1]
-    home = _common(qkv_paths)
+    home = _common(qkv_paths) if len(qkv_paths) > 1 else _parent(qkv_paths[0])
     outs = [(n, i, o) for n, i, o in linears if i == inner_dim and o == d and n not in qkv_paths]
     near = [x for x in outs if _common([x[0], home]) == home] or outs
     if not near:
