@@ -45,8 +45,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Also under `torchrun --nproc_per_node N -m petl_tpr train ...` (rank 0 prints)."""
-    from .tpr.distributed import cleanup, process_rank
-    from .tpr.run_config import load_run_config, run_training
+    from .tpr.training.distributed import cleanup, process_rank
+    from .tpr.training.run_config import load_run_config, run_training
 
     config = load_run_config(args.config)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .tpr.run_config import load_run_config, run_evaluation
+    from .tpr.training.run_config import load_run_config, run_evaluation
 
     metrics = run_evaluation(load_run_config(args.config), data_root=args.data_root, backbone=args.backbone,
                              adapters=args.adapters, pretrained=args.pretrained, split=args.split,

@@ -9,12 +9,12 @@ import re
 import pytest
 from PIL import Image
 
-from petl_tpr.tpr.datasets import build_dataset
+from petl_tpr.tpr.data.datasets import build_dataset
 from petl_tpr.tpr.errors import DatasetError, TaskInputError
-from petl_tpr.tpr.synthetic import DOMAIN_STYLES, SyntheticConfig, synthetic_records, write_synthetic
-from petl_tpr.tpr.synthetic_draw import draw_person
-from petl_tpr.tpr.synthetic_text import LEXICON
-from petl_tpr.tpr.torch_data import load_image
+from petl_tpr.tpr.data.synthetic import DOMAIN_STYLES, SyntheticConfig, synthetic_records, write_synthetic
+from petl_tpr.tpr.data.synthetic_draw import draw_person
+from petl_tpr.tpr.data.synthetic_text import LEXICON
+from petl_tpr.tpr.data.torch_data import load_image
 
 SMALL = dict(identities=12, images_per_id=2, captions_per_image=3, test_fraction=0.25)
 

@@ -26,8 +26,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import write_atomic
-from .errors import DatasetError, TaskInputError, check_int
+from ...atomic import write_atomic
+from ..errors import DatasetError, TaskInputError, check_int
 from .synthetic_draw import Body, DomainStyle, View, draw_person
 from .synthetic_text import COLOURS, write_captions
 
@@ -181,7 +181,7 @@ def write_synthetic(root: str | Path, *, domain: int = 0, identities: int = 200,
     (base / "imgs" / f"d{domain}").mkdir(parents=True, exist_ok=True)
     for record in records:
         render(record, config).save(base / "imgs" / record.file_path, format="PNG")
-    meta = {"generator": "petl_tpr.tpr.synthetic", "version": 1, "config": asdict(config),
+    meta = {"generator": "petl_tpr.tpr.data.synthetic", "version": 1, "config": asdict(config),
             "images": {r.file_path: {"pid": r.pid, "split": r.split, **r.attributes} for r in records}}
     write_atomic(base / "synthetic_meta.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
+from ...atomic import write_atomic
 
 COLUMNS = (("method", "{:<17}", "{:<17}"), ("trainable", "{:>11}", "{:>11,}"), ("%", "{:>7}", "{:>7.2f}"),
            ("R@1", "{:>6}", "{:>6.1f}"), ("R@5", "{:>6}", "{:>6.1f}"), ("mAP", "{:>6}", "{:>6.1f}"),

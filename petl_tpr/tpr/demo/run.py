@@ -32,9 +32,9 @@ from typing import Callable
 
 import torch
 
-from ..atomic import write_atomic
-from ..memory import PeakMemory, training_memory_mb
-from .errors import TaskInputError, check_int
+from ...atomic import write_atomic
+from ...memory import PeakMemory, training_memory_mb
+from ..errors import TaskInputError, check_int
 
 METHODS = ("zero-shot", "full fine-tuning", "lora", "up-person", "dm-adapter", "unipt")
 BACKBONES = ("transformers", "open_clip")
@@ -134,7 +134,7 @@ def method_spec(method: str, width: int):
 
 def build_model(config: DemoConfig):
     """A randomly initialised small CLIP `DualEncoder` from a transformers or open_clip config."""
-    from .models import build_clip
+    from ..model.dual_encoder import build_clip
 
     torch.manual_seed(config.seed)
     w, h = config.width, config.heads
@@ -145,7 +145,7 @@ def build_model(config: DemoConfig):
                 "text_cfg": {"context_length": config.context_length, "vocab_size": 49408, "width": w,
                              "heads": h, "layers": config.layers, "mlp_ratio": 2.0}}
         return build_clip(arch, image_size=config.image_size)
-    from ..compat import ensure_torchvision_importable
+    from ...compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from transformers import CLIPConfig
@@ -160,10 +160,10 @@ def build_model(config: DemoConfig):
 
 
 def _prepare(ctx: DemoContext) -> None:
-    from .datasets import build_dataset
-    from .synthetic import write_synthetic
-    from .tokenizer import ClipTokenizer
-    from .transforms import TransformConfig, build_test_transform, build_train_transform
+    from ..data.datasets import build_dataset
+    from ..data.synthetic import write_synthetic
+    from ..data.tokenizer import ClipTokenizer
+    from ..data.transforms import TransformConfig, build_test_transform, build_train_transform
 
     c = ctx.config
     common = dict(images_per_id=c.images_per_id, captions_per_image=c.captions_per_image, overwrite=True)
@@ -182,7 +182,7 @@ def _prepare(ctx: DemoContext) -> None:
 
 
 def _train_config(config: DemoConfig, out_dir: Path, *, epochs: int, lr: float, trainable: str):
-    from .trainer import TrainConfig
+    from ..training.trainer import TrainConfig
 
     # Adam with eps 1e-8 and no weight decay for these few hundred steps from a random start (the
     # reference's eps 1e-3 and decay 4e-5 were set for adapting a pre-trained ViT-B/16).
@@ -205,8 +205,8 @@ def _step_memory(ctx: DemoContext, model, data) -> dict[str, float]:
     import petl_tpr as pt
     from torch.utils.data import default_collate
 
-    from .losses import sdm_loss
-    from .torch_data import ImageTextDataset
+    from ..training.losses import sdm_loss
+    from ..data.torch_data import ImageTextDataset
 
     dataset = ImageTextDataset(data.train, transform=ctx.train_transform, tokenizer=ctx.tokenizer)
     batch = default_collate([dataset[i] for i in range(min(ctx.config.batch_size, len(dataset)))])
@@ -226,8 +226,8 @@ def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, d
     a `result.json` computed with the same `settings` is reused instead."""
     import petl_tpr as pt
 
-    from .evaluation import evaluate
-    from .trainer import train
+    from ..training.evaluation import evaluate
+    from ..training.trainer import train
 
     c = ctx.config
     run_dir = c.out_dir / method.replace(" ", "-")
@@ -265,8 +265,8 @@ def _run_step(ctx: DemoContext, method: str, model, *, epochs: int, lr: float, d
 
 def _pretrained_model(ctx: DemoContext):
     """Pre-train (or reload the cached pre-training of) the source model; returns its result."""
-    from .run_config import default_device
-    from .run_files import load_weights, save_weights
+    from ..training.run_config import default_device
+    from ..training.run_files import load_weights, save_weights
 
     c = ctx.config
     model = build_model(c).to(default_device(c.device))
@@ -294,7 +294,7 @@ def run_demo(config: DemoConfig, *, fresh: bool = False, log: Callable[[str], No
     writes `demo_results.json`, `demo_table.txt` and `demo_r1_vs_params.png` under `out_dir`."""
     import petl_tpr as pt
 
-    from .demo_report import write_report
+    from .report import write_report
 
     if config.threads:
         torch.set_num_threads(config.threads)
