@@ -4,7 +4,7 @@ Domain 0 speaks plainly ("a pedestrian wearing a red t-shirt and black trousers"
 other colour words, garment names and sentence shapes ("a commuter sporting a crimson tee paired
 with ebony slacks"). Domain 2, the demo's unseen domain, draws its words from both (a model that
 knows domains 0 and 1 knows them) in sentence shapes of its own, terse like a camera log ("Camera
-view: a walker, ivory coat over brown slacks, long hair, a rucksack."). Every caption names every attribute of the person (headwear and bag only
+view: a walker, an ivory coat over brown slacks, long hair, a rucksack."). Every caption names every attribute of the person (headwear and bag only
 when present), always as "<colour word> <garment word>" for the two garments, so a test can check
 a caption against the attributes that were drawn.
 """

@@ -46,17 +46,17 @@ def _show(axes, path: Path, correct: bool, rank: int | None = None) -> None:
         axes.set_title(str(rank), fontsize=9)
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path: Path, dpi: int = 80) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
 
 
 def method_picture(result: dict, split, path: Path) -> Path:
     """One method's picture: per example caption, the caption and its top 5."""
     examples = result["examples"]
-    figure = _figure(2.6 + TOP * 0.75, 0.5 + 1.8 * len(examples))
+    figure = _figure(2.6 + TOP * 0.75, 0.65 + 1.8 * len(examples))
     grid = figure.add_gridspec(len(examples), TOP + 1, width_ratios=[3.4] + [1] * TOP, wspace=0.12, hspace=0.3,
-                               left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / (0.5 + 1.8 * len(examples)))
+                               left=0.02, right=0.98, bottom=0.02, top=1 - 0.6 / (0.65 + 1.8 * len(examples)))
     for row, example in enumerate(examples):
         q = example["query"]
         text = figure.add_subplot(grid[row, 0])
@@ -97,7 +97,7 @@ def overview_picture(results: list[dict], split, path: Path, *, captions: int = 
                 axes.set_xlabel(str(cell[1] + 1), fontsize=8)
     figure.suptitle(f"Top {TOP} of the target test gallery for two captions; green: the caption's identity, "
                     "red: another", fontsize=9, y=1 - 0.2 / height)
-    return _save(figure, path)
+    return _save(figure, path, dpi=64)
 
 
 def write_pictures(results: list[dict], split, out_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 import re
 from pathlib import Path
@@ -91,21 +92,30 @@ def machine() -> dict:
 def _panel(axes, results: list[dict], key: str, title: str, chance: float | None) -> None:
     from matplotlib.ticker import NullFormatter
 
-    for result in results:
+    top = max(r[key] + r.get("spread", {}).get(key, 0.0) for r in results)
+    ylim = min(100, top * 1.2 + 5)
+    placed: list[tuple[float, float]] = []     # label corners (log10 x, y) so far
+    colours = {r["method"]: f"C{i}" for i, r in enumerate(r for r in results if r["trainable"] > 0)}
+    for result in sorted(results, key=lambda r: -r[key]):
         sd = result.get("spread", {}).get(key)
         if result["trainable"] == 0:
             axes.axhline(result[key], linestyle="--", color="grey", label=f"{result['method']} (no training)")
             continue
         axes.errorbar([result["trainable"]], [result[key]], yerr=None if sd is None else [sd], fmt="o",
-                      markersize=7, capsize=4)
+                      markersize=7, capsize=4, color=colours[result["method"]])
+        x, y = math.log10(result["trainable"]), result[key]
+        # Above right, else below right, else above left: the first spot clear of earlier labels.
+        for dx, dy, offset in ((0.0, 0.0, (6, 4)), (0.0, -0.08 * ylim, (6, -24)), (-0.35, 0.0, (-58, 4))):
+            spot = (x + dx, y + dy)
+            if all(abs(spot[0] - px) > 0.3 or abs(spot[1] - py) > 0.07 * ylim for px, py in placed):
+                break
+        placed.append(spot)
         axes.annotate(f"{result['method']}\n{result['percent']:.1f}%", (result["trainable"], result[key]),
-                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+                      textcoords="offset points", xytext=offset, fontsize=8)
     if chance is not None:
         axes.axhline(chance, linestyle=":", color="black", label="chance")
     trained = [r["trainable"] for r in results if r["trainable"] > 0]
-    top = max(r[key] + r.get("spread", {}).get(key, 0.0) for r in results)
-    axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="R@1 (%)", title=title,
-             ylim=(0, min(100, top * 1.2 + 5)))
+    axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="R@1 (%)", title=title, ylim=(0, ylim))
     if trained:
         axes.set_xlim(min(trained) / 2, max(trained) * 4)
     axes.xaxis.set_minor_formatter(NullFormatter())

@@ -86,9 +86,8 @@ class DemoConfig:
         if unknown or not self.methods:
             raise TaskInputError(f"DemoConfig.methods: unknown {unknown}; choose from {', '.join(METHODS)}")
         for name in ("source_identities", "target_identities", "unseen_identities", "examples", "images_per_id",
-                     "captions_per_image", "width",
-                     "layers", "heads", "patch_size", "context_length", "pretrain_epochs", "transfer_epochs",
-                     "batch_size"):
+                     "captions_per_image", "width", "layers", "heads", "patch_size", "context_length",
+                     "pretrain_epochs", "transfer_epochs", "batch_size"):
             check_int(f"DemoConfig.{name}", getattr(self, name))
         if self.width % self.heads:
             raise TaskInputError(f"DemoConfig.width ({self.width}) must be a multiple of heads ({self.heads})")
@@ -99,8 +98,7 @@ class DemoConfig:
     def quick(cls, out_dir: str | Path, **changes) -> "DemoConfig":
         """A tiny demo (seconds): for tests and a first look."""
         settings = dict(source_identities=24, target_identities=16, unseen_identities=5, images_per_id=2, width=32,
-                        layers=2,
-                        heads=2, image_size=(64, 32), pretrain_epochs=2, transfer_epochs=1, batch_size=16)
+                        layers=2, heads=2, image_size=(64, 32), pretrain_epochs=2, transfer_epochs=1, batch_size=16)
         return cls(out_dir=out_dir, **{**settings, **changes})
 
     def settings(self, *, pretrain: bool = False) -> dict:
