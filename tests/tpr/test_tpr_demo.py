@@ -131,6 +131,7 @@ def test_several_seeds_report_mean_and_spread(tmp_path, capsys):
     assert (out / "seed-1" / "demo_retrieval.png").exists() and (out / "demo_r1_vs_params.png").exists()
     table = (out / "demo_table.txt").read_text()
     assert "±" in table and "seeds 0, 1 (mean ± sample sd)" in table and table.strip() in capsys.readouterr().out
+    assert table.splitlines()[2].split()[:3] == ["zero-shot", "0", "0.00±0.00"]   # counts stay integers
     with pytest.raises(TaskInputError, match="seeds"):
         run_seeds(DemoConfig.quick(tmp_path), 0)
 
