@@ -47,7 +47,7 @@ def one_method(name: str, args) -> dict:
 
     import petl_tpr as pt
     from petl_tpr.quickstart import _batch, build_clip_b16, features
-    from petl_tpr.tpr.losses import sdm_loss
+    from petl_tpr.tpr.training.losses import sdm_loss
 
     device = args.device
     torch.manual_seed(0)

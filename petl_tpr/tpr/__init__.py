@@ -1,5 +1,11 @@
 """Text-based person retrieval (TPR): data, tokenizer, transforms, losses, metrics, evaluation, training.
 
+Four rooms: `data/` (readers, tokenizer, masking, transforms, synthetic domains), `model/` (CLIP
+loading, position resize, the dual encoder), `training/` (trainer, schedule, losses, distributed,
+run files, run configs, evaluation, metrics) and `demo/` (`petl-tpr demo` and its report); the task's
+errors are in `errors.py`. Import the public names from here. The modules' old flat paths
+(`petl_tpr.tpr.trainer`, ...) still import, as the same module objects (`_moved.py`).
+
 Importing this package needs torch only; Pillow is needed to read or draw images, torchvision for
 the transforms (imported on first use) and open_clip's BPE file for the tokenizer (located, not
 imported). The synthetic-dataset names load on first access, so that import needs no Pillow.
@@ -10,24 +16,29 @@ from __future__ import annotations
 
 import importlib
 
-from .datasets import EvalSplit, PersonRetrievalData, TrainSample, build_dataset, dataset_names
+from . import _moved  # noqa: F401  (the old flat module paths)
+from .data.datasets import EvalSplit, PersonRetrievalData, TrainSample, build_dataset, dataset_names
+from .data.masking import MaskingConfig, mask_caption_ids, masked_caption_generator
+from .data.tokenizer import CONTEXT_LENGTH, EOT_ID, MASK_ID, SOT_ID, VOCAB_SIZE, ClipTokenizer
+from .data.torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_image
+from .data.transforms import (CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform,
+                              build_transform)
 from .errors import DatasetError, TaskInputError, TokenizerError
-from .losses import IGNORE_INDEX, SDM_EPSILON, SDM_TEMPERATURE, IdentityLoss, masked_token_loss, sdm_loss
-from .masking import MaskingConfig, mask_caption_ids, masked_caption_generator
-from .metrics import RetrievalMetrics, metrics_from_similarity, rank_scores, retrieval_metrics
-from .tokenizer import CONTEXT_LENGTH, EOT_ID, MASK_ID, SOT_ID, VOCAB_SIZE, ClipTokenizer
-from .torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_image
-from .transforms import (CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform,
-                         build_transform)
+from .training.losses import IGNORE_INDEX, SDM_EPSILON, SDM_TEMPERATURE, IdentityLoss, masked_token_loss, sdm_loss
+from .training.metrics import RetrievalMetrics, metrics_from_similarity, rank_scores, retrieval_metrics
 
-_LAZY = {"SyntheticConfig": "synthetic", "synthetic_records": "synthetic", "write_synthetic": "synthetic",
-         "DualEncoder": "models", "build_clip": "models", "load_clip": "models", "resolve_source": "models",
-         "GridVisionEmbeddings": "position", "resize_grid_embedding": "position",
-         "resize_position_embedding": "position",
-         "SplitFeatures": "evaluation", "encode_split": "evaluation", "evaluate": "evaluation",
-         "OptimConfig": "schedule", "build_optimizer": "schedule", "build_scheduler": "schedule",
-         "lr_factor": "schedule", "param_groups": "schedule",
-         "TrainConfig": "trainer", "TrainingError": "trainer", "plot_history": "run_files", "train": "trainer"}
+_LAZY = {"SyntheticConfig": "data.synthetic", "synthetic_records": "data.synthetic",
+         "write_synthetic": "data.synthetic",
+         "DualEncoder": "model.dual_encoder", "build_clip": "model.dual_encoder", "load_clip": "model.dual_encoder",
+         "resolve_source": "model.dual_encoder",
+         "GridVisionEmbeddings": "model.position", "resize_grid_embedding": "model.position",
+         "resize_position_embedding": "model.position",
+         "SplitFeatures": "training.evaluation", "encode_split": "training.evaluation",
+         "evaluate": "training.evaluation",
+         "OptimConfig": "training.schedule", "build_optimizer": "training.schedule",
+         "build_scheduler": "training.schedule", "lr_factor": "training.schedule", "param_groups": "training.schedule",
+         "TrainConfig": "training.trainer", "TrainingError": "training.trainer", "train": "training.trainer",
+         "plot_history": "training.run_files"}
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "OptimConfig", "SplitFeatures", "TrainConfig", "TrainingError", "build_optimizer",

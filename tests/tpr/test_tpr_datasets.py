@@ -11,12 +11,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from petl_tpr.errors import PetlError
-from petl_tpr.tpr.datasets import build_dataset, dataset_names
+from petl_tpr.tpr.data.datasets import build_dataset, dataset_names
 from petl_tpr.tpr.errors import DatasetError
-from petl_tpr.tpr.masking import MaskingConfig
-from petl_tpr.tpr.tokenizer import ClipTokenizer
-from petl_tpr.tpr.torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_image
-from petl_tpr.tpr.transforms import TransformConfig, build_test_transform
+from petl_tpr.tpr.data.masking import MaskingConfig
+from petl_tpr.tpr.data.tokenizer import ClipTokenizer
+from petl_tpr.tpr.data.torch_data import CaptionDataset, ImageDataset, ImageTextDataset, load_image
+from petl_tpr.tpr.data.transforms import TransformConfig, build_test_transform
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from petl_tpr.cli import main
-from petl_tpr.tpr.demo import METHODS, DemoConfig, run_demo
+from petl_tpr.tpr.demo import METHODS, DemoConfig, run_demo, run_seeds
+from petl_tpr.tpr.demo.seeds import summarise
 from petl_tpr.tpr.errors import TaskInputError
 
 PETL = ("lora", "up-person", "dm-adapter", "unipt")
@@ -44,6 +45,21 @@ def test_quick_demo_prints_the_table_writes_the_files_and_resumes(tmp_path, caps
         assert all(0 <= row[k] <= 100 for k in ("R@1", "R@5", "R@10", "mAP", "mINP"))
         assert row["peak_mb"] > 0 and row["memory"] == "rss"
     assert (out / "demo_r1_vs_params.png").stat().st_size > 1000
+    # The unseen domain (2): evaluated for every method, with its chance level in the record.
+    header = table.splitlines()[0]
+    assert "unseen R@1" in header and "unseen mAP" in header
+    unseen = record["unseen"]
+    assert unseen["queries"] > 0 and unseen["gallery"] > 0 and 0 < unseen["chance_R@1"] < 100
+    for row in results.values():
+        assert 0 <= row["unseen_R@1"] <= 100 and 0 < row["unseen_mAP"] <= 100
+        assert row["seed"] == 0 and row["versions"]["torch"] and row["versions"]["transformers"]
+    assert "seed 0; petl_tpr" in table
+    # The retrieval pictures: the same example captions for every method, a picture per method.
+    queries = {tuple(e["query"] for e in row["examples"]) for row in results.values()}
+    assert len(queries) == 1 and len(next(iter(queries))) == 4
+    for method in METHODS:
+        assert (out / "retrieval" / f"{method.replace(' ', '-')}.png").stat().st_size > 5000, method
+    assert (out / "demo_retrieval.png").stat().st_size > 10000
     assert 0 <= record["pretrain"]["R@1"] <= 100 and (out / "pretrain" / "pretrained.safetensors").exists()
     assert (out / "lora" / "curves.png").exists()
 
@@ -52,15 +68,81 @@ def test_quick_demo_prints_the_table_writes_the_files_and_resumes(tmp_path, caps
     again = run_demo(DemoConfig.quick(out, progress=False), log=logged.append)
     assert by_method(again) == results
     assert sum("reusing" in line for line in logged) == len(METHODS) + 1
+    assert any("retrieval pictures" in line for line in logged)
     assert "[pretrain] epoch 2/2: loss" in printed and "[lora] epoch 1/1: loss" in printed
 
+
+
+def check_zero_shot_against_a_reference_ranking(config, row):
+    """The zero-shot row's top 5 of each example caption is numpy's stable descending sort of the
+    pre-trained model's scores, its R@1 the share of queries whose top 1 is their identity, and the
+    unseen metrics are those of `evaluate` on the unseen test split."""
+    import numpy as np
+
+    from petl_tpr.tpr import build_dataset, build_test_transform, ClipTokenizer, TransformConfig, encode_split
+    from petl_tpr.tpr import evaluate
+    from petl_tpr.tpr.demo.run import build_model
+    from petl_tpr.tpr.training.run_files import load_weights
+
+    tmp_path = config.out_dir
+    model = build_model(config)
+    load_weights(model.clip, tmp_path / "pretrain" / "pretrained.safetensors", full=True)
+    tokenizer = ClipTokenizer(context_length=config.context_length)
+    transform = build_test_transform(TransformConfig(height=64, width=32, padding=2))
+    split = build_dataset("cuhk-pedes", tmp_path / "data" / "target").test
+    feats = encode_split(model, split, tokenizer=tokenizer, transform=transform)
+    scores = (feats.text @ feats.images.T).numpy()
+    order = np.argsort(-scores, axis=1, kind="stable")
+    for example in row["examples"]:
+        assert example["top5"] == order[example["query"], :5].tolist()
+    pids = np.array(split.image_pids)
+    assert row["R@1"] == pytest.approx(100 * np.mean(pids[order[:, 0]] == np.array(split.caption_pids)))
+    unseen = evaluate(model, build_dataset("cuhk-pedes", tmp_path / "data" / "unseen").test, tokenizer=tokenizer,
+                      transform=transform)
+    assert row["unseen_R@1"] == pytest.approx(unseen["R@1"]) and row["unseen_mAP"] == pytest.approx(unseen["mAP"])
+
+
+def test_summary_over_seeds_is_mean_and_sample_sd():
+    import statistics
+
+    def record(seed, r1):
+        rows = [{"method": m, "seed": seed, "versions": {"torch": "x"}, **{k: r1 + i for k in
+                 ("trainable", "total", "percent", "R@1", "R@5", "R@10", "mAP", "mINP", "unseen_R@1", "unseen_R@5",
+                  "unseen_R@10", "unseen_mAP", "unseen_mINP", "train_s", "train_mb", "peak_mb")}}
+                for i, m in enumerate(("zero-shot", "lora"))]
+        return {"results": rows}
+
+    rows = summarise([record(0, 10.0), record(1, 14.0), record(2, 15.0)])
+    assert [r["method"] for r in rows] == ["zero-shot", "lora"] and rows[1]["seeds"] == [0, 1, 2]
+    assert rows[1]["R@1"] == pytest.approx(14.0) and rows[1]["spread"]["R@1"] == pytest.approx(
+        statistics.stdev([11.0, 15.0, 16.0]))
+
+
+def test_several_seeds_report_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert main(["demo", "--quick", "--seeds", "2", "--methods", "zero-shot", "--out", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "demo_results.json").read_text())
+    assert record["seeds"] == [0, 1] and len(record["per_seed"]) == 2
+    single = [r["results"][0]["unseen_R@1"] for r in record["per_seed"]]
+    row = record["results"][0]
+    assert row["unseen_R@1"] == pytest.approx(sum(single) / 2)
+    assert row["spread"]["unseen_R@1"] == pytest.approx(abs(single[0] - single[1]) / 2 ** 0.5)
+    assert (out / "seed-1" / "demo_retrieval.png").exists() and (out / "demo_r1_vs_params.png").exists()
+    table = (out / "demo_table.txt").read_text()
+    assert "±" in table and "seeds 0, 1 (mean ± sample sd)" in table and table.strip() in capsys.readouterr().out
+    assert table.splitlines()[2].split()[:3] == ["zero-shot", "0", "0.00±0.00"]   # counts stay integers
+    with pytest.raises(TaskInputError, match="seeds"):
+        run_seeds(DemoConfig.quick(tmp_path), 0)
 
 
 def test_changed_settings_are_not_reused_and_subsets_run(tmp_path):
     out = tmp_path / "demo"
     lines: list[str] = []
-    first = run_demo(DemoConfig.quick(out, methods=("zero-shot", "lora"), progress=False), log=lines.append)
+    config = DemoConfig.quick(out, methods=("zero-shot", "lora"), progress=False)
+    first = run_demo(config, log=lines.append)
     assert [r["method"] for r in first] == ["zero-shot", "lora"]
+    check_zero_shot_against_a_reference_ranking(config, first[0])
     lines.clear()
     second = run_demo(DemoConfig.quick(out, methods=("lora",), transfer_epochs=2, progress=False),
                       log=lines.append)
@@ -98,8 +180,18 @@ def test_bad_settings_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_petl_methods_beat_zero_shot(tmp_path):
-    """The README's main job at its real size: every PETL method clearly beats zero-shot transfer."""
+    """The README's main job at its real size: every PETL method clearly beats zero-shot transfer;
+    the retrieval pictures are drawn, and every method's unseen-domain metrics are finite and
+    above chance."""
+    import math
+
     results = by_method(run_demo(DemoConfig(out_dir=tmp_path, progress=False), log=print))
     zero = results["zero-shot"]["R@1"]
     for method in PETL + ("full fine-tuning",):
         assert results[method]["R@1"] >= zero + 10, (method, results[method]["R@1"], zero)
+    unseen = json.loads((tmp_path / "demo_results.json").read_text())["unseen"]
+    for method, row in results.items():
+        assert math.isfinite(row["unseen_R@1"]) and math.isfinite(row["unseen_mAP"]), method
+        assert row["unseen_R@1"] > unseen["chance_R@1"] and row["unseen_mAP"] > unseen["chance_mAP"], (method, row)
+        assert (tmp_path / "retrieval" / f"{method.replace(' ', '-')}.png").stat().st_size > 10000, method
+    assert (tmp_path / "demo_retrieval.png").stat().st_size > 20000

@@ -25,8 +25,8 @@ ensure_torchvision_importable()
 
 import petl_tpr as pt  # noqa: E402
 import petl_tpr.tpr as tpr  # noqa: E402
-from petl_tpr.tpr.distributed import ProcessGroup, local_batch_size, shard  # noqa: E402
-from petl_tpr.tpr.trainer import TrainConfig, train  # noqa: E402
+from petl_tpr.tpr.training.distributed import ProcessGroup, local_batch_size, shard  # noqa: E402
+from petl_tpr.tpr.training.trainer import TrainConfig, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tpr_train import SIZE, adapters, strip_times, tiny_model  # noqa: E402
@@ -109,7 +109,10 @@ def launched(tmp_path_factory):
                                test_fraction=0.2, val_fraction=0.2, seed=3)
     script = tmp / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent), out=str(tmp), root=str(root)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The children import this checkout's petl_tpr (not whichever one is installed).
+    checkout = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), str(script)],

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from petl_tpr.tpr.errors import TaskInputError
-from petl_tpr.tpr.losses import IdentityLoss, masked_token_loss, sdm_loss
+from petl_tpr.tpr.training.losses import IdentityLoss, masked_token_loss, sdm_loss
 
 
 def direct_sdm(image: list[list[float]], text: list[list[float]], pids: list[int], tau=0.02, eps=1e-8) -> float:

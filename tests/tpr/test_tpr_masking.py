@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from petl_tpr.tpr.errors import TaskInputError
-from petl_tpr.tpr.losses import IGNORE_INDEX
-from petl_tpr.tpr.masking import MaskingConfig, mask_caption_ids, masked_caption_generator
-from petl_tpr.tpr.tokenizer import EOT_ID, MASK_ID, SOT_ID
+from petl_tpr.tpr.training.losses import IGNORE_INDEX
+from petl_tpr.tpr.data.masking import MaskingConfig, mask_caption_ids, masked_caption_generator
+from petl_tpr.tpr.data.tokenizer import EOT_ID, MASK_ID, SOT_ID
 
 
 def caption_batch(n: int, body: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from petl_tpr.errors import PetlError
 from petl_tpr.tpr.errors import TaskInputError
-from petl_tpr.tpr.metrics import metrics_from_similarity, retrieval_metrics
+from petl_tpr.tpr.training.metrics import metrics_from_similarity, retrieval_metrics
 
 
 def direct_metrics(sim: list[list[float]], qpids: list[int], gpids: list[int]) -> dict[str, float]:

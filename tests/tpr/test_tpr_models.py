@@ -14,7 +14,7 @@ ensure_torchvision_importable()
 import open_clip  # noqa: E402
 import petl_tpr as pt  # noqa: E402
 import petl_tpr.tpr as tpr  # noqa: E402
-from petl_tpr.tpr.position import resize_grid_embedding  # noqa: E402
+from petl_tpr.tpr.model.position import resize_grid_embedding  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 POS_HF = "vision_model.embeddings.position_embedding.weight"

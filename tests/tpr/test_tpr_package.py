@@ -27,8 +27,8 @@ def test_check_int_is_the_one_int_validator():
     import pytest
 
     from petl_tpr.tpr.errors import TaskInputError, check_int
-    from petl_tpr.tpr.schedule import OptimConfig
-    from petl_tpr.tpr.transforms import TransformConfig
+    from petl_tpr.tpr.training.schedule import OptimConfig
+    from petl_tpr.tpr.data.transforms import TransformConfig
 
     check_int("x", 3)
     check_int("x", 0, 0)
@@ -40,3 +40,27 @@ def test_check_int_is_the_one_int_validator():
         TransformConfig(padding=-1)
     with pytest.raises(TaskInputError, match="OptimConfig.warmup_steps must be an int >= 0, got True"):
         OptimConfig(warmup_steps=True)
+
+
+def test_rooms_and_old_flat_paths():
+    """The package is four rooms; each old flat module path imports the moved module itself."""
+    import importlib
+    from pathlib import Path
+
+    from petl_tpr.tpr._moved import MOVED
+
+    root = Path(tpr.__file__).parent
+    assert sorted(p.name for p in root.iterdir() if p.suffix == ".py") == ["__init__.py", "_moved.py", "errors.py"]
+    rooms = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    assert rooms == {"data", "model", "training", "demo"}
+    for old, new in MOVED.items():
+        assert (root / (new.replace(".", "/") + ".py")).exists(), new
+        moved = importlib.import_module(f"petl_tpr.tpr.{old}")
+        assert moved is importlib.import_module(f"petl_tpr.tpr.{new}"), old
+    import petl_tpr.tpr.trainer as flat
+    from petl_tpr.tpr.training import trainer
+    assert flat is trainer and flat.train is tpr.train
+    from petl_tpr.tpr.demo import METHODS, DemoConfig, run_demo   # the demo package keeps the old names
+    assert METHODS[0] == "zero-shot" and callable(run_demo) and DemoConfig.quick
+    with __import__("pytest").raises(ModuleNotFoundError):
+        importlib.import_module("petl_tpr.tpr.no_such_module")

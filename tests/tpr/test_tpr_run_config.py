@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import petl_tpr as pt
-from petl_tpr.tpr.run_config import load_run_config
+from petl_tpr.tpr.training.run_config import load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 # REFERENCE.md: UP-Person lr 1e-3 (1e-4 on RSTPReid); DM-Adapter lr 3e-4; batch 128, 60 epochs, masked captions

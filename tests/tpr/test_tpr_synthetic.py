@@ -9,12 +9,12 @@ import re
 import pytest
 from PIL import Image
 
-from petl_tpr.tpr.datasets import build_dataset
+from petl_tpr.tpr.data.datasets import build_dataset
 from petl_tpr.tpr.errors import DatasetError, TaskInputError
-from petl_tpr.tpr.synthetic import DOMAIN_STYLES, SyntheticConfig, synthetic_records, write_synthetic
-from petl_tpr.tpr.synthetic_draw import draw_person
-from petl_tpr.tpr.synthetic_text import LEXICON
-from petl_tpr.tpr.torch_data import load_image
+from petl_tpr.tpr.data.synthetic import DOMAIN_STYLES, SyntheticConfig, synthetic_records, write_synthetic
+from petl_tpr.tpr.data.synthetic_draw import draw_person
+from petl_tpr.tpr.data.synthetic_text import LEXICON
+from petl_tpr.tpr.data.torch_data import load_image
 
 SMALL = dict(identities=12, images_per_id=2, captions_per_image=3, test_fraction=0.25)
 
@@ -48,7 +48,7 @@ def test_reader_reads_it_back(tmp_path):
     write_synthetic(tmp_path, domain=1, seed=0, overwrite=True, **SMALL)
 
 
-@pytest.mark.parametrize("domain", [0, 1])
+@pytest.mark.parametrize("domain", [0, 1, 2])
 def test_captions_describe_the_drawn_attributes(domain):
     words = LEXICON[domain]
     records = synthetic_records(SyntheticConfig(domain=domain, identities=80, images_per_id=2, captions_per_image=3))
@@ -68,7 +68,7 @@ def test_captions_describe_the_drawn_attributes(domain):
                 assert mentioned == ({a[key]} if a[key] != "none" else set()), (caption, a)
 
 
-@pytest.mark.parametrize("domain", [0, 1])
+@pytest.mark.parametrize("domain", [0, 1, 2])
 def test_drawing_uses_the_attribute_colours(domain):
     config = SyntheticConfig(domain=domain, identities=150, images_per_id=1)
     flat = dataclasses.replace(DOMAIN_STYLES[domain], brightness=(1.0, 1.0), pixel_noise=0, tint_strength=0.0)
@@ -97,9 +97,29 @@ def test_domains_differ_in_words_and_looks(tmp_path):
     assert mean[0] - mean[1] > 30  # domain 1 is darker (outdoor, dusk lighting)
 
 
+def test_unseen_domain_uses_known_words_in_its_own_sentences_and_looks(tmp_path):
+    """Domain 2 (the demo's unseen domain): every content word is one of domain 0's or 1's, the
+    sentence shapes are its own, and its images differ in size and darkness from both."""
+    config = dict(identities=40, images_per_id=1, captions_per_image=2)
+    captions = [[c for r in synthetic_records(SyntheticConfig(domain=d, **config)) for c in r.captions]
+                for d in (0, 1, 2)]
+    known = {w for d in (0, 1) for table in LEXICON[d].values() for words in table.values() for w in words}
+    for key, table in LEXICON[2].items():
+        for value, words in table.items():
+            assert set(words) == set(LEXICON[0][key][value]) | set(LEXICON[1][key][value]) and set(words) <= known
+    assert all(c.startswith(("Camera view:", "Seen on camera:")) or "; " in c for c in captions[2])
+    assert not any(c.startswith(("Camera view:", "Seen on camera:")) for d in (0, 1) for c in captions[d])
+    roots = [write_synthetic(tmp_path / f"d{d}", domain=d, **SMALL) / "CUHK-PEDES" / "imgs" / f"d{d}" for d in (0, 1, 2)]
+    sizes = {Image.open(next(r.glob("*.png"))).size for r in roots}
+    assert len(sizes) == 3
+    mean = [sum(sum(Image.open(p).convert("L").getdata()) / (Image.open(p).width * Image.open(p).height)
+                for p in sorted(r.glob("*.png"))) / 24 for r in roots]
+    assert mean[0] - mean[2] > 30, mean
+
+
 def test_config_validation():
     with pytest.raises(TaskInputError, match="domain"):
-        SyntheticConfig(domain=2)
+        SyntheticConfig(domain=3)
     with pytest.raises(TaskInputError, match="distinct"):
         SyntheticConfig(identities=10**6)
     with pytest.raises(TaskInputError, match="test_fraction"):
@@ -124,4 +144,4 @@ def test_caption_domains_mix_wordings_and_keep_the_default_files():
     assert sum(1 in w for w in seen) > 10 and sum(0 in w for w in seen) > 10
     assert [r.attributes for r in mixed] == [r.attributes for r in plain]   # same people, other words
     with pytest.raises(TaskInputError, match="caption_domains"):
-        SyntheticConfig(caption_domains=(2,))
+        SyntheticConfig(caption_domains=(3,))

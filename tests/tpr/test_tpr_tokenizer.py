@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from petl_tpr.tpr.bpe import _fix_text_fallback, bytes_to_unicode, clean_text
+from petl_tpr.tpr.data.bpe import _fix_text_fallback, bytes_to_unicode, clean_text
 from petl_tpr.tpr.errors import TokenizerError
-from petl_tpr.tpr.tokenizer import EOT_ID, MASK_ID, SOT_ID, VOCAB_SIZE, ClipTokenizer
+from petl_tpr.tpr.data.tokenizer import EOT_ID, MASK_ID, SOT_ID, VOCAB_SIZE, ClipTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ ensure_torchvision_importable()
 import petl_tpr as pt  # noqa: E402
 import petl_tpr.tpr as tpr  # noqa: E402
 from petl_tpr.errors import CheckpointError  # noqa: E402
-from petl_tpr.tpr.schedule import OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups  # noqa: E402
-from petl_tpr.tpr.run_files import RunFiles  # noqa: E402
-from petl_tpr.tpr.trainer import TrainConfig, train  # noqa: E402
+from petl_tpr.tpr.training.schedule import OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups  # noqa: E402
+from petl_tpr.tpr.training.run_files import RunFiles  # noqa: E402
+from petl_tpr.tpr.training.trainer import TrainConfig, train  # noqa: E402
 from transformers import CLIPConfig  # noqa: E402
 
 SIZE = tpr.TransformConfig(height=64, width=32)
@@ -177,7 +177,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, tokenizer, tmp_path, work
 def test_per_step_warmup_ramps_the_lr_and_survives_resume(data, tokenizer, tmp_path, monkeypatch):
     """warmup_steps=4: optimiser step s runs at lr * factor(epoch) * min(1, (s+1)/4), counted over the
     whole run, so a run resumed after epoch 1 takes the same steps at the same lrs."""
-    import petl_tpr.tpr.trainer as trainer
+    import petl_tpr.tpr.training.trainer as trainer
 
     seen: dict[str, list[float]] = {}
     real = trainer.build_optimizer
@@ -212,7 +212,7 @@ def test_per_step_warmup_ramps_the_lr_and_survives_resume(data, tokenizer, tmp_p
 
 def test_checkpoints_without_newer_settings_still_resume(data, tokenizer, tmp_path):
     """A checkpoint written before a setting existed (here warmup_steps) resumes as if it held the default."""
-    import petl_tpr.tpr.trainer as trainer
+    import petl_tpr.tpr.training.trainer as trainer
 
     config = TrainConfig(out_dir=tmp_path, warmup_epochs=1, epochs=2)
     saved = {k: v for k, v in config.to_json().items() if k != "warmup_steps"}
@@ -224,10 +224,10 @@ def test_checkpoints_without_newer_settings_still_resume(data, tokenizer, tmp_pa
 
 CHILD = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {checkout!r}]   # this checkout's petl_tpr, not an installed one
 import test_tpr_train as t
 import petl_tpr.tpr as tpr
-import petl_tpr.tpr.trainer as train_module
+import petl_tpr.tpr.training.trainer as train_module
 
 kill_at = int(sys.argv[1])
 if kill_at:
@@ -255,7 +255,8 @@ def test_sigkill_mid_epoch_then_resume(data, tokenizer, tmp_path):
     straight = tiny_model()
     full = run(straight, data, tokenizer, tmp_path / "a", **options)
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).parent), root=str(data.root.parent),
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent), checkout=str(Path(__file__).resolve().parents[2]),
+                                   root=str(data.root.parent),
                                    out=str(tmp_path / "b"), options=options))
     killed = subprocess.run([sys.executable, str(script), "5"], capture_output=True, text=True)   # 3 batches/epoch
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -295,7 +296,7 @@ def bare_model(seed: int = 0) -> tpr.DualEncoder:
 def test_whole_model_training_checkpoints_and_resumes(data, tokenizer, tmp_path):
     """trainable='all' (pre-training / full fine-tuning) trains every weight, checkpoints the whole
     state dict and resumes to the same weights as an uninterrupted run."""
-    from petl_tpr.tpr.run_files import load_weights
+    from petl_tpr.tpr.training.run_files import load_weights
 
     before = {k: v.clone() for k, v in bare_model().clip.state_dict().items()}
     straight = bare_model()

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from petl_tpr.tpr.errors import TaskInputError
-from petl_tpr.tpr.transforms import CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform
+from petl_tpr.tpr.data.transforms import CLIP_MEAN, CLIP_STD, TransformConfig, build_test_transform, build_train_transform
 
 
 def mean_colour_image(width: int, height: int) -> Image.Image:

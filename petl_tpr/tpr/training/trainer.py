@@ -46,18 +46,18 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, PetlError
-from .datasets import EvalSplit, PersonRetrievalData
+from ...errors import CheckpointError, PetlError
+from ..data.datasets import EvalSplit, PersonRetrievalData
 from .distributed import ProcessGroup, join, local_batch_size
-from .errors import TaskInputError, check_int
+from ..errors import TaskInputError, check_int
 from .evaluation import _device_of, _progress, evaluate
 from .losses import IdentityLoss, sdm_loss
-from .masking import MaskingConfig
-from .models import DualEncoder
+from ..data.masking import MaskingConfig
+from ..model.dual_encoder import DualEncoder
 from .schedule import OptimConfig, build_optimizer, build_scheduler, step_warmup_factor
-from .tokenizer import ClipTokenizer
+from ..data.tokenizer import ClipTokenizer
 from .run_files import RunFiles, _seed_all, epoch_seed, load_weights, plot_history, save_weights
-from .torch_data import ImageTextDataset
+from ..data.torch_data import ImageTextDataset
 
 EVAL_SPLITS = ("val", "test", "none")
 TRAINABLE = ("adapters", "all")
@@ -247,7 +247,7 @@ def train(model: DualEncoder, data: PersonRetrievalData, config: TrainConfig, *,
     "train_s"} plus, on evaluated epochs, {"val" or "test": {"R@1", ..., "mINP", ...}, "eval_s"}.
     `on_epoch(record)` is called (on rank 0) after each epoch's checkpoint and log line are written.
     """
-    from ..api import get_injection
+    from ...api import get_injection
 
     if not isinstance(model, DualEncoder):
         raise TaskInputError(f"model must be a DualEncoder, got {type(model).__name__}")

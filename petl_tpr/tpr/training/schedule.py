@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import TaskInputError, check_int
+from ..errors import TaskInputError, check_int
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 
 from .bpe import CLIP_MERGES, WORD_END, BytePairEncoder, bytes_to_unicode, clean_text, default_vocab_path, \
     pre_tokenize, read_merges
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 VOCAB_SIZE = 49408
 MASK_ID = 49405

@@ -1,8 +1,10 @@
-"""Caption vocabulary and templates of the two synthetic domains.
+"""Caption vocabulary and templates of the three synthetic domains.
 
 Domain 0 speaks plainly ("a pedestrian wearing a red t-shirt and black trousers"); domain 1 uses
 other colour words, garment names and sentence shapes ("a commuter sporting a crimson tee paired
-with ebony slacks"). Every caption names every attribute of the person (headwear and bag only
+with ebony slacks"). Domain 2, the demo's unseen domain, draws its words from both (a model that
+knows domains 0 and 1 knows them) in sentence shapes of its own, terse like a camera log ("Camera
+view: a walker, an ivory coat over brown slacks, long hair, a rucksack."). Every caption names every attribute of the person (headwear and bag only
 when present), always as "<colour word> <garment word>" for the two garments, so a test can check
 a caption against the attributes that were drawn.
 """
@@ -42,6 +44,8 @@ LEXICON: tuple[dict[str, dict[str, tuple[str, ...]]], ...] = (
         "subject": {"": ("an individual", "a commuter", "a passer-by", "a walker")},
     },
 )
+LEXICON = LEXICON + ({key: {value: LEXICON[0][key][value] + LEXICON[1][key][value] for value in LEXICON[0][key]}
+                      for key in LEXICON[0]},)
 PLURAL_GARMENTS = frozenset({"trousers", "long trousers", "shorts", "pants", "slacks", "bermudas", "cut-offs"})
 
 Parts = dict[str, str | None]
@@ -84,7 +88,18 @@ def _templates_1() -> list[Callable[[Parts], str]]:
     ]
 
 
-TEMPLATES = (_templates_0(), _templates_1())
+def _templates_2() -> list[Callable[[Parts], str]]:
+    return [
+        lambda p: (f"Camera view: {p['subject']}, {p['upper']} over {p['lower']}, {p['hair']}"
+                   + (f", {p['head']}" if p["head"] else "") + (f", {p['bag']}" if p["bag"] else "") + "."),
+        lambda p: (f"{_cap(p['lower'])} and {p['upper']}" + (f", with {p['head']}" if p["head"] else "")
+                   + f"; {p['hair']}" + (f"; carrying {p['bag']}" if p["bag"] else "") + "."),
+        lambda p: (f"Seen on camera: {p['subject']} with {p['hair']}" + (f" and {p['bag']}" if p["bag"] else "")
+                   + f", in {p['upper']} and {p['lower']}" + (f", wearing {p['head']}" if p["head"] else "") + "."),
+    ]
+
+
+TEMPLATES = (_templates_0(), _templates_1(), _templates_2())
 
 
 def _parts(attributes: dict[str, str], domain: int, rng: random.Random) -> Parts:

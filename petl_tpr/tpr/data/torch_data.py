@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import EvalSplit, TrainSample
-from .errors import DatasetError
+from ..errors import DatasetError
 from .masking import MaskingConfig, mask_caption_ids, masked_caption_generator
 from .tokenizer import ClipTokenizer
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TaskInputError
-from .losses import IGNORE_INDEX
+from ..errors import TaskInputError
+from ..training.losses import IGNORE_INDEX
 from .tokenizer import MASK_ID
 
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .datasets import EvalSplit
-from .errors import check_int
+from ..data.datasets import EvalSplit
+from ..errors import check_int
 from .metrics import retrieval_metrics
-from .models import DualEncoder
-from .tokenizer import ClipTokenizer
-from .torch_data import CaptionDataset, ImageDataset
+from ..model.dual_encoder import DualEncoder
+from ..data.tokenizer import ClipTokenizer
+from ..data.torch_data import CaptionDataset, ImageDataset
 
 
 @dataclass(frozen=True)

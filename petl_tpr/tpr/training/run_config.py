@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecError
+from ...errors import SpecError
 
 SECTIONS = {"run": {"preset", "dataset", "paper"}, "model": {"image_size"}, "data": {"val_fraction"}, "train": None}
 
@@ -81,11 +81,11 @@ def run_training(config: RunConfig, *, data_root: str | Path, backbone: str | Pa
     process takes `cuda:LOCAL_RANK`)."""
     import petl_tpr as pt
 
-    from .datasets import build_dataset
-    from .models import load_clip
-    from .tokenizer import ClipTokenizer
+    from ..data.datasets import build_dataset
+    from ..model.dual_encoder import load_clip
+    from ..data.tokenizer import ClipTokenizer
     from .trainer import TrainConfig, train
-    from .transforms import TransformConfig, build_test_transform, build_train_transform
+    from ..data.transforms import TransformConfig, build_test_transform, build_train_transform
 
     data = build_dataset(config.dataset, data_root, val_fraction=config.val_fraction)
     model = load_clip(backbone, pretrained=pretrained, image_size=config.image_size)
@@ -112,12 +112,12 @@ def run_evaluation(config: RunConfig, *, data_root: str | Path, backbone: str | 
     as in `run_training`."""
     import petl_tpr as pt
 
-    from .datasets import build_dataset
-    from .errors import TaskInputError
+    from ..data.datasets import build_dataset
+    from ..errors import TaskInputError
     from .evaluation import evaluate
-    from .models import load_clip
-    from .tokenizer import ClipTokenizer
-    from .transforms import TransformConfig, build_test_transform
+    from ..model.dual_encoder import load_clip
+    from ..data.tokenizer import ClipTokenizer
+    from ..data.transforms import TransformConfig, build_test_transform
 
     if split not in ("test", "val"):
         raise TaskInputError(f"split must be 'test' or 'val', got {split!r}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, default_collate
 
-from .errors import TaskInputError
+from ..errors import TaskInputError
 from .run_files import _rng_state, _seed_all, _set_rng_state
 
 _BUCKET = 1 << 24          # gradient elements per all-reduce (64 MiB in float32)

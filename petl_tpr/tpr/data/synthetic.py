@@ -12,9 +12,11 @@ background and lighting; each image gets `captions_per_image` captions from the 
 templates. Identities are split by `test_fraction` / `val_fraction` (rounded, at least one test
 identity) into the `test`, `val` and `train` splits.
 
-The two domains differ in vocabulary (`synthetic_text.py`) and appearance (`DOMAIN_STYLES`:
+The domains differ in vocabulary (`synthetic_text.py`) and appearance (`DOMAIN_STYLES`:
 canvas size 48x128 vs 40x112, colour shades, plain indoor vs textured outdoor backgrounds,
-lighting, tint and noise), for domain-shift experiments. `CUHK-PEDES/synthetic_meta.json` records
+lighting, tint and noise), for domain-shift experiments. Domain 2 (44x120, a night scene: dark
+blue-grey backgrounds under a cold blue tint, washed-out shades, heavy noise, a smaller figure)
+is the demo's unseen domain; its captions use both other domains' words in its own sentences. `CUHK-PEDES/synthetic_meta.json` records
 every image's attributes; the reader ignores it.
 """
 
@@ -26,8 +28,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import write_atomic
-from .errors import DatasetError, TaskInputError, check_int
+from ...atomic import write_atomic
+from ..errors import DatasetError, TaskInputError, check_int
 from .synthetic_draw import Body, DomainStyle, View, draw_person
 from .synthetic_text import COLOURS, write_captions
 
@@ -45,6 +47,8 @@ SHADES = (  # RGB per colour name, per domain
                        (120, 50, 160), (240, 130, 30), (128, 128, 128), (120, 75, 40)])),
     dict(zip(COLOURS, [(170, 40, 60), (30, 50, 130), (70, 110, 50), (200, 160, 50), (35, 30, 30), (215, 210, 195),
                        (100, 60, 120), (210, 110, 50), (105, 105, 110), (100, 65, 45)])),
+    dict(zip(COLOURS, [(215, 80, 95), (80, 110, 215), (90, 175, 120), (235, 220, 110), (45, 45, 55), (245, 245, 250),
+                       (150, 100, 190), (245, 160, 90), (150, 150, 160), (140, 100, 75)])),
 )
 DOMAIN_STYLES = (
     DomainStyle(size=(48, 128), palette=SHADES[0], backgrounds=((200, 200, 195), (185, 190, 200), (210, 200, 180)),
@@ -53,6 +57,9 @@ DOMAIN_STYLES = (
     DomainStyle(size=(40, 112), palette=SHADES[1], backgrounds=((90, 120, 80), (110, 110, 120), (80, 100, 120)),
                 ground=((70, 70, 70), (90, 80, 60)), texture_strength=0.45, brightness=(0.65, 0.9),
                 tint=(255, 170, 90), tint_strength=0.12, pixel_noise=20, figure_height=0.8),
+    DomainStyle(size=(44, 120), palette=SHADES[2], backgrounds=((55, 60, 80), (45, 55, 70), (70, 65, 75)),
+                ground=((35, 38, 45), (50, 48, 50)), texture_strength=0.3, brightness=(0.7, 0.95),
+                tint=(90, 140, 255), tint_strength=0.15, pixel_noise=28, figure_height=0.78),
 )
 SKIN = ((241, 194, 167), (224, 172, 105), (198, 134, 66), (141, 85, 36), (255, 219, 172))
 HAIR = ((20, 20, 20), (90, 56, 30), (200, 170, 90), (150, 150, 150))
@@ -71,12 +78,13 @@ class SyntheticConfig:
     caption_domains: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.domain not in (0, 1):
-            raise TaskInputError(f"SyntheticConfig.domain must be 0 or 1, got {self.domain!r}")
+        domains = tuple(range(len(DOMAIN_STYLES)))
+        if self.domain not in domains:
+            raise TaskInputError(f"SyntheticConfig.domain must be one of {domains}, got {self.domain!r}")
         if self.caption_domains is not None:
             object.__setattr__(self, "caption_domains", tuple(self.caption_domains))
-            if not self.caption_domains or any(d not in (0, 1) for d in self.caption_domains):
-                raise TaskInputError(f"SyntheticConfig.caption_domains must be a non-empty list of 0 and 1, "
+            if not self.caption_domains or any(d not in domains for d in self.caption_domains):
+                raise TaskInputError(f"SyntheticConfig.caption_domains must be a non-empty list of {domains}, "
                                      f"got {self.caption_domains!r}")
         for name in ("identities", "images_per_id", "captions_per_image"):
             check_int(f"SyntheticConfig.{name}", getattr(self, name))
@@ -181,7 +189,7 @@ def write_synthetic(root: str | Path, *, domain: int = 0, identities: int = 200,
     (base / "imgs" / f"d{domain}").mkdir(parents=True, exist_ok=True)
     for record in records:
         render(record, config).save(base / "imgs" / record.file_path, format="PNG")
-    meta = {"generator": "petl_tpr.tpr.synthetic", "version": 1, "config": asdict(config),
+    meta = {"generator": "petl_tpr.tpr.data.synthetic", "version": 1, "config": asdict(config),
             "images": {r.file_path: {"pid": r.pid, "split": r.split, **r.attributes} for r in records}}
     write_atomic(base / "synthetic_meta.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8"))

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import TaskInputError, check_int
+from ..errors import TaskInputError, check_int
 
 RECALL_KS = (1, 5, 10)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TaskInputError, check_int
+from ..errors import TaskInputError, check_int
 
 SDM_TEMPERATURE = 0.02
 SDM_EPSILON = 1e-8
@@ -100,7 +100,7 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_inde
     """Cross-entropy over masked caption positions (the MLM objective), a scalar.
 
     logits `(N, L, V)` from an MLM head; labels `(N, L)` holding the original token id at masked
-    positions and `ignore_index` (-100, see `petl_tpr.tpr.masking`) elsewhere. Mean over the
+    positions and `ignore_index` (-100, see `petl_tpr.tpr.data.masking`) elsewhere. Mean over the
     labelled positions; 0 (with a graph) when no position is labelled.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:

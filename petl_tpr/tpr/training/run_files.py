@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
-from ..errors import CheckpointError
+from ...atomic import write_atomic
+from ...errors import CheckpointError
 
 
 # ------------------------------------------------------------------------------------ RNG state

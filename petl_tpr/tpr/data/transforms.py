@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import TaskInputError, check_int
+from ..errors import TaskInputError, check_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,7 +58,7 @@ class TransformConfig:
 
 
 def _torchvision_transforms():
-    from ..compat import ensure_torchvision_importable
+    from ...compat import ensure_torchvision_importable
 
     if not ensure_torchvision_importable():
         raise ImportError("the image transforms need torchvision (pip install torchvision)")

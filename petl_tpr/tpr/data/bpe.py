@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import Sequence
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2  # 48,894 merges: 256 bytes + 256 word-final bytes + merges + SOT + EOT = 49,408

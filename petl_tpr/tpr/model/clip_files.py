@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TaskInputError
+from ..errors import TaskInputError
 
 # Entries of OpenAI's TorchScript state dict (and traced open_clip models) that are not weights.
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")

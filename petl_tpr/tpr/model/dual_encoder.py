@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .clip_files import openai_config, read_state_dict, read_transformers_weights
-from .errors import TaskInputError
+from ..errors import TaskInputError
 from .position import pair, resize_grid_embedding, resize_position_embedding, square_grid
 
 IMAGE_SIZE = (384, 128)
@@ -91,7 +91,7 @@ class DualEncoder(nn.Module):
 
 
 def _import_open_clip():
-    from ..compat import ensure_torchvision_importable
+    from ...compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import open_clip
@@ -100,7 +100,7 @@ def _import_open_clip():
 
 
 def _import_transformers():
-    from ..compat import ensure_torchvision_importable
+    from ...compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import transformers

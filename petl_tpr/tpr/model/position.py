@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TaskInputError
+from ..errors import TaskInputError
 
 Size = tuple[int, int]
 
