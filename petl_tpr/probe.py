@@ -34,6 +34,7 @@ _KNOWN_PARTS = {
     "hf": {"q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "query", "key", "value", "dropout", "attn_dropout",
            "attention_dropout"},
     "timm": {"qkv", "proj", "q_norm", "k_norm", "norm", "attn_drop", "proj_drop", "gate"},
+    "hf_rotary": {"q_proj", "k_proj", "v_proj", "o_proj"},
     "mha": {"in_proj_weight", "in_proj_bias", "out_proj", "q_proj_weight", "k_proj_weight", "v_proj_weight",
             "bias_k", "bias_v"},
 }
@@ -44,6 +45,8 @@ _KNOWN_ARGS = {
            "use_cache", "cache_position", "past_key_values", "past_key_value", "cache", "encoder_hidden_states",
            "encoder_attention_mask", "head_mask", "layer_head_mask"},
     "timm": {"x", "attn_mask", "is_causal"},
+    "hf_rotary": {"hidden_states", "position_embeddings", "attention_mask", "kwargs", "cache", "past_key_values",
+                  "past_key_value", "cache_position", "position_ids", "output_attentions", "use_cache"},
     "mha": {"query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
             "is_causal"},
 }
@@ -75,13 +78,22 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
+def _call(module: nn.Module, convention: str, x: torch.Tensor):
+    """Call an attention as its model would with hidden states `x (B, L, d)` (seeded rotary cos/sin too)."""
+    if convention == "mha":
+        return module(x, x, x, need_weights=False)
+    if convention == "hf_rotary":
+        g = torch.Generator().manual_seed(4321)
+        dh = module.head_dim
+        angles = torch.randn(x.shape[0], x.shape[1], dh // 2, generator=g).repeat(1, 1, 2).to(x)
+        return module(x, position_embeddings=(angles.cos(), angles.sin()))
+    return module(x)
+
+
 def _call_alone(module: nn.Module, convention: str, x: torch.Tensor) -> torch.Tensor | None:
     """The module's output for one hidden-state input, or None when it cannot be called that way."""
     try:
-        if convention == "mha":
-            out = module(x, x, x, need_weights=False)
-        else:
-            out = module(x)
+        out = _call(module, convention, x)
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError):
         return None
     return _first_tensor(out)
@@ -159,7 +171,7 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
         take_over(module, CONVENTIONS[convention])
         try:
             try:
-                ours = _first_tensor(module(x, x, x, need_weights=False) if convention == "mha" else module(x))
+                ours = _first_tensor(_call(module, convention, x))
             except Exception as error:   # the takeover cannot run what the module itself runs
                 raise UnsupportedError(f"attention {who}: the {convention!r} takeover fails where the module's own "
                                        f"forward works ({type(error).__name__}: {error})") from None

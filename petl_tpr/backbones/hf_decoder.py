@@ -3,7 +3,8 @@
 `self_attn.{q,k,v,o}_proj` (k and v may be narrower: grouped-query heads), a gated MLP
 `mlp.{gate,up,down}_proj` (roles fc1 = up_proj, fc2 = down_proj; the gate gets no adapter),
 `input_layernorm` / `post_attention_layernorm`, pre-norm. The attention applies rotary position
-embeddings handed in by the model, which no takeover convention reproduces, so prefixes are refused.
+embeddings handed in by the model; the `hf_rotary` convention reproduces it (attention/rotary.py),
+so prefixes sit after the rotation.
 These models do not pool: a side network (UniPT) needs a pooled token and is refused.
 """
 
@@ -28,6 +29,7 @@ LAYOUT = BlockLayout(
     attn_out="self_attn",
     mlp_in="mlp",
     mlp_out="mlp",
+    attention="hf_rotary",
 )
 
 
@@ -55,5 +57,5 @@ FAMILY = register_family(Family(
     description="transformers Llama-style decoder layer: self_attn.{q,k,v,o}_proj (GQA), mlp.{gate,up,down}_proj, RMSNorm",
     example=tiny_example,
     global_token=lambda branch: "none",
-    refuses=("prefix", "s-prefix", "unipt"),
+    refuses=("unipt",),
 ))
