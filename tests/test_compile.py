@@ -14,6 +14,10 @@ the rest of the 7 x 11 matrix is marked slow.
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,7 +61,7 @@ def _outputs_and_grads(model: torch.nn.Module, run, target) -> tuple[torch.Tenso
         p.grad = None
     out = run(target)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out * upstream).sum().backward()
+    ((out * upstream).sum() + pt.aux_loss(model)).backward()   # the router's load balancing too (dm-adapter)
     return out.detach(), {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
 
 
@@ -141,3 +145,17 @@ def test_router_check_is_eager_only():
         layer(x)
     out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     assert out[1, 2].isnan().all() and out[0].isfinite().all()
+
+
+@pytest.mark.slow
+def test_compile_benchmark_quick(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import compile as bench   # benchmarks/compile.py
+
+    bench.main(["--quick", "--backend", "aot_eager", "--presets", "bare", "dm-adapter", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "compile_cpu_quick.json").read_text())
+    assert list(data["variants"]) == ["bare", "dm-adapter"] and (tmp_path / "compile_cpu_quick.png").is_file()
+    for row in data["variants"].values():
+        assert set(row["times"]) == {"eager forward", "compiled forward", "eager train", "compiled train"}
+        assert row["forward_max_abs_diff"] < 1e-4 and row["train_max_abs_diff"] < 1e-4
+        assert row["forward_first_call_s"] > 0 and row["train_speedup"] > 0
