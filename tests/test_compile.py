@@ -60,7 +60,7 @@ def _outputs_and_grads(model: torch.nn.Module, run, target) -> tuple[torch.Tenso
     for p in params.values():
         p.grad = None
     out = run(target)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     ((out * upstream).sum() + pt.aux_loss(model)).backward()   # the router's load balancing too (dm-adapter)
     return out.detach(), {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
 
@@ -159,3 +159,27 @@ def test_compile_benchmark_quick(tmp_path):
         assert set(row["times"]) == {"eager forward", "compiled forward", "eager train", "compiled train"}
         assert row["forward_max_abs_diff"] < 1e-4 and row["train_max_abs_diff"] < 1e-4
         assert row["forward_first_call_s"] > 0 and row["train_speedup"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["hf_clip", "timm_vit"])
+def test_dm_adapter_compiles_fullgraph_with_inductor_on_cuda(family):
+    """The Triton path (auto on CUDA) inside the whole model, compiled by inductor, against eager."""
+    pytest.importorskip("triton")
+    from torch.utils._pytree import tree_map
+
+    from petl_tpr.kernels import select_impl
+    assert select_impl(None, torch.device("cuda")) == "triton"
+    model, run = _injected(family, "dm-adapter")
+    model.cuda()
+
+    def on_cuda(fn):   # run() builds its inputs on the CPU
+        move = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return lambda *args, **kwargs: fn(*tree_map(move, args), **tree_map(move, kwargs))
+
+    want_out, want_grads = _outputs_and_grads(model, run, Compiled(model, on_cuda))
+    got_out, got_grads = _outputs_and_grads(model, run, Compiled(model, lambda fn: on_cuda(torch.compile(fn, fullgraph=True))))
+    torch.testing.assert_close(got_out, want_out, atol=1e-4, rtol=1e-4)
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[key], grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"grad of {key}: {m}")
