@@ -2,10 +2,10 @@
 
 The tower is transformers' `CLIPVisionModel` built from `CLIPVisionConfig()` with its defaults
 (width 768, 12 layers, 12 heads, MLP 3072, 224x224 images) except `patch_size=16` (ViT-B/16:
-197 tokens), random weights. Each variant (the bare tower, then every distinct preset injected)
-is timed four ways, round-robin: eager and compiled inference forward (`no_grad`, eval mode), and
-eager and compiled training step (train mode, forward + backward of
-`mean(pooler_output^2) + aux_loss`, gradients reset to None each step).
+197 tokens), random weights. Each variant (the bare tower, whose training step is full fine-tuning,
+then every distinct preset injected) is timed four ways, round-robin: eager and compiled inference
+forward (`no_grad`, eval mode), and eager and compiled training step (train mode, forward + backward
+of `mean(pooler_output^2) + aux_loss`, gradients reset to None each step).
 
 Compile time is reported apart from the steady state: `first_call_s` is the wall time of the first
 compiled call (tracing, AOTAutograd, inductor code generation and the C++/Triton compile, plus one
@@ -75,7 +75,8 @@ def measure(variant: str, args, images: torch.Tensor) -> dict:
     torch._dynamo.reset()
     model = build(variant, args.quick).to(args.device)
     compiled = torch.compile(model, backend=args.backend, fullgraph=True)
-    row: dict = {"trainable": pt.summary(model).trainable if variant != "bare" else 0}
+    row: dict = {"trainable": pt.summary(model).trainable if variant != "bare"   # bare: full fine-tuning
+                 else sum(p.numel() for p in model.parameters())}
     cases = {}
     for mode in MODES:
         want = step(model, model, images, mode)
