@@ -182,6 +182,24 @@ def _worker(report: Path) -> None:
         for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
+    def moa_layer_compile_fullgraph():   # the whole MoA layer on the Triton path: router, op, load balancing
+        from petl_tpr.methods.moa import MixtureOfAdapters
+        torch.manual_seed(0)
+        layer = MixtureOfAdapters(d=20, width=5, experts=4, top_k=2, activation="gelu")
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.add_(torch.randn(param.shape) * 0.1)
+        x = torch.randn(3, 7, 20)
+        results = []
+        for impl, fn in (("reference", layer), ("triton", torch.compile(layer, fullgraph=True, backend="aot_eager"))):
+            layer.impl = impl
+            layer.zero_grad(set_to_none=True)
+            y = fn(x)
+            (y.square().sum() + layer.aux_loss()).backward()
+            results.append([y.detach(), *[p.grad.clone() for p in layer.parameters()]])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
     def deterministic_weight_grads():
         case = make_case(40, 33, 6, 3, 2, dtype=torch.float32)
         first, second = grads(routed_adapters_triton, case)[1], grads(routed_adapters_triton, case)[1]
@@ -270,13 +288,14 @@ def _worker(report: Path) -> None:
                      ("autocast-operands", autocast_operands),
                      ("tile-tables-match-torch", tile_tables_match_torch), ("mixed-dtypes", mixed_dtypes), ("dispatch", dispatch), ("bad-ids", bad_ids),
                      ("float64-goes-to-torch", float64_goes_to_torch), ("opcheck", opcheck), ("compile-fullgraph", compile_fullgraph),
+                     ("moa-layer-compile-fullgraph", moa_layer_compile_fullgraph),
                      ("deterministic-weight-grads", deterministic_weight_grads)):
         check(name, fn)
     report.write_text(json.dumps(results, indent=1))
 
 
 EXTRA = ["random-sweep", "h-saved-only-for-backward", "backward-follows-forward-kind", "autocast-operands", "tile-tables-match-torch", "mixed-dtypes", "dispatch", "bad-ids", "float64-goes-to-torch", "opcheck", "compile-fullgraph",
-         "deterministic-weight-grads"]
+         "moa-layer-compile-fullgraph", "deterministic-weight-grads"]
 
 
 @pytest.fixture(scope="module")
