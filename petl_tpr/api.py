@@ -9,6 +9,7 @@ from torch import nn
 
 from .attach import Attachment, adapter_module, attach, detach, fold
 from .backbones.discover import discover
+from .compiled import guard_hooks
 from .errors import InjectionError
 from .registry import METHODS
 from .nested import renest, unnest
@@ -75,6 +76,7 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
         spec = Spec.preset(spec)
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a Spec or a preset name, got {type(spec).__name__}")
+    guard_hooks()
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [])
@@ -117,6 +119,7 @@ def _run_site(model: nn.Module, backbone, att: Attachment) -> tuple[str, str, st
 
 def eject(model: nn.Module) -> None:
     """Take every adapter out: modules, hooks, attention takeovers, and requires_grad flags as before."""
+    guard_hooks()
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"nothing is injected in this {type(model).__name__}")
@@ -135,6 +138,7 @@ def merge(model: nn.Module) -> list[str]:
 
     Other methods stay attached. Folding changes base weights, so `eject` afterwards keeps them.
     """
+    guard_hooks()
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"nothing is injected in this {type(model).__name__}")
