@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -79,12 +81,12 @@ def sdm(outputs, labels, num_items_in_batch=None):
     return tpr.sdm_loss(outputs[0], outputs[1], labels)
 
 
-def trainer_for(model, out: Path, noise: bool = True, **changes):
+def trainer_for(model, out: Path, noise: bool = True, eval_dataset=None, **changes):
     settings = dict(output_dir=str(out), max_steps=9, save_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                     lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, disable_tqdm=True, label_names=["labels"], save_strategy="steps")
     return hf.PetlTrainer(model=model, args=TrainingArguments(**{**settings, **changes}), train_dataset=Noisy(noise=noise),
-                          compute_loss_func=sdm)
+                          eval_dataset=eval_dataset, compute_loss_func=sdm)
 
 
 def trained_state(model) -> dict[str, torch.Tensor]:
@@ -212,9 +214,11 @@ def test_save_pretrained_round_trip_is_exact(preset, tmp_path):
     assert torch.equal(_features(back), expected)
     assert sorted(pt.adapter_state_dict(back)) == sorted(pt.adapter_state_dict(model))
 
-    # the patched method writes the same folder, also on a deep copy (bound to the copy)
+    # the patched method writes the same folder, also on a deep copy or an unpickled copy (bound to it)
     patched = copy.deepcopy(hf.patch_save_pretrained(model))
     assert hf.is_patched(patched) and patched.save_pretrained.model is patched
+    unpickled = pickle.loads(pickle.dumps(model))
+    assert hf.is_patched(unpickled) and unpickled.save_pretrained.model is unpickled
     patched.save_pretrained(tmp_path / "patched")
     assert torch.equal(_features(pt.from_pretrained(CLIPModel, tmp_path / "patched")), expected)
 
@@ -294,3 +298,36 @@ def test_nothing_injected_or_all_merged_is_refused(tmp_path):
     with pytest.raises(pt.CheckpointError, match="merged"):
         hf.save_adapter_folder(model, tmp_path)
     assert not (tmp_path / "petl_checkpoint.json").exists()
+
+
+@pytest.mark.slow     # about 30 s (a subprocess importing transformers, data drawn, two trainings)
+def test_example_train_with_hf_trainer(tmp_path):
+    """The example at a tiny size: the listed checkpoint has adapters and no base weights, the run resumes
+    where it stopped, and the from_pretrained copy gives the same metrics."""
+    args = ["--steps", "12", "--pretrain-steps", "6", "--identities", "12", "--batch-size", "16"]
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_hf_trainer.py"), str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    listing = dict(re.findall(r"^  (\S+)\s+([\d.]+) KiB$", text, flags=re.M))
+    assert {"adapters.clip.safetensors", "optimizer.pt", "rng_state.pth", "petl_checkpoint.json"} <= set(listing)
+    assert "model.safetensors" not in listing
+    assert float(listing["adapters.clip.safetensors"]) < 1024
+    assert re.search(r"^\[resumed\] steps 7\.\.12,", text, flags=re.M)
+    assert re.search(r"^from_pretrained gives the same metrics: True$", text, flags=re.M)
+    assert re.search(r"^up-person \(target\)\s+R@1\s+[\d.]+", text, flags=re.M)
+
+
+def test_load_best_model_at_end(tmp_path):
+    """The best checkpoint is loaded back at the end of training. "Best" is the highest eval loss here, so
+    that it is the first checkpoint and loading it changes the model (the eval loss falls from 3 to 6)."""
+    model = tiny_model()
+    trainer = trainer_for(model, tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                          metric_for_best_model="loss", greater_is_better=True, eval_dataset=Noisy(noise=False))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-3"
+    expected = pt.load_adapters(tiny_clip(), best / "adapters.clip.safetensors")
+    last = pt.load_adapters(tiny_clip(), tmp_path / "checkpoint-6" / "adapters.clip.safetensors")
+    assert _same(pt.adapter_state_dict(expected), pt.adapter_state_dict(model.clip))
+    assert not _same(pt.adapter_state_dict(last), pt.adapter_state_dict(model.clip))
