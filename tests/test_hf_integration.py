@@ -82,7 +82,7 @@ def sdm(outputs, labels, num_items_in_batch=None):
 
 
 def trainer_for(model, out: Path, noise: bool = True, eval_dataset=None, **changes):
-    settings = dict(output_dir=str(out), max_steps=9, save_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+    settings = dict(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                     lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, disable_tqdm=True, label_names=["labels"], save_strategy="steps")
     return hf.PetlTrainer(model=model, args=TrainingArguments(**{**settings, **changes}), train_dataset=Noisy(noise=noise),
@@ -95,7 +95,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """9 steps (3 epochs of 3 batches), checkpoints at 3, 6 and 9."""
+    """6 steps (2 epochs of 3 batches), checkpoints at 3 and 6."""
     out = tmp_path_factory.mktemp("straight")
     model = tiny_model()
     trainer = trainer_for(model, out)
@@ -133,7 +133,7 @@ def test_checkpoints_hold_only_trainable_tensors(straight_run):
     assert 2 * adapter_bytes < files["optimizer.pt"] < 2 * adapter_bytes + 128 * 1024
     assert sum(files.values()) < 3 * adapter_bytes + 192 * 1024 < base_bytes / 3
     # the last checkpoint holds the final values
-    final = pt.load_adapters(copy.deepcopy(tiny_clip()), out / "checkpoint-9" / "adapters.clip.safetensors")
+    final = pt.load_adapters(copy.deepcopy(tiny_clip()), out / "checkpoint-6" / "adapters.clip.safetensors")
     assert all(torch.equal(v, pt.adapter_state_dict(final)[k]) for k, v in adapters.items())
 
 
@@ -146,7 +146,7 @@ def test_resume_mid_run_is_bit_identical(straight_run, tmp_path):
     resumed = tiny_model()
     trainer = trainer_for(resumed, tmp_path / "resumed")
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3"))
-    assert trainer.state.global_step == 9
+    assert trainer.state.global_step == 6
     expected, start = trained_state(straight), trained_state(tiny_model())
     assert max((expected[k] - start[k]).abs().max().item() for k in expected) > 1e-3   # training moved them
     assert _same(expected, trained_state(resumed))
@@ -165,13 +165,13 @@ def test_resume_mid_run_is_bit_identical(straight_run, tmp_path):
 
 
 def test_resume_mid_epoch_is_bit_identical(tmp_path):
-    """Step 4 of 6 is inside the second epoch: the Trainer skips the epoch's first batch on resume.
+    """Step 4 of 5 is inside the second epoch: the Trainer skips the epoch's first batch on resume.
     (No global-RNG augmentation here: accelerate's loader fetches one batch ahead, so at a mid-epoch
     save the next batch's draws are already taken; see docs/integrations.md.)"""
     straight = tiny_model()
-    trainer_for(straight, tmp_path / "a", noise=False, max_steps=6, save_steps=4).train()
+    trainer_for(straight, tmp_path / "a", noise=False, max_steps=5, save_steps=4).train()
     resumed = tiny_model()
-    trainer_for(resumed, tmp_path / "b", noise=False, max_steps=6, save_steps=4).train(
+    trainer_for(resumed, tmp_path / "b", noise=False, max_steps=5, save_steps=4).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
     assert _same(trained_state(straight), trained_state(resumed))
 

@@ -34,11 +34,11 @@ TRAINING_ARGS_NAME = "training_args.bin"     # transformers' name for the pickle
 
 
 def patch_transformers_modules(model: nn.Module) -> None:
-    """`patch_save_pretrained` on every module of `model` with a `save_pretrained` and an injection in it."""
+    """`patch_save_pretrained` on every module of `model` that has a `save_pretrained` and adapters in it."""
     injected = list(injected_modules(model))
     for path, module in model.named_modules():
-        if hasattr(type(module), "save_pretrained") and any(p == path or path == "" or p.startswith(path + ".")
-                                                             for p in injected):
+        inside = [p for p in injected if path == "" or p == path or p.startswith(path + ".")]
+        if inside and hasattr(type(module), "save_pretrained"):
             patch_save_pretrained(module)
 
 
@@ -85,7 +85,8 @@ class PetlTrainerMixin:
                 raise CheckpointError(f"{resume_from_checkpoint} has no {MANIFEST}: it is not a checkpoint written "
                                       f"by PetlTrainer (a plain Trainer checkpoint holds the whole model)")
             raise CheckpointError(f"{resume_from_checkpoint}: no such checkpoint folder")
-        load_adapter_folder(model if model is not None else self._petl_model(), resume_from_checkpoint)
+        target = self._petl_model() if model is None else self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        load_adapter_folder(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
