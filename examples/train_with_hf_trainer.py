@@ -1,7 +1,7 @@
 """Train UP-Person with `transformers.Trainer` on the synthetic domains, with adapter-only checkpoints.
 
 Run: python examples/train_with_hf_trainer.py [OUT_DIR] [--steps 300] [--pretrain-steps 300]
-No download; about a minute of compute on 2 CPU cores (docs/integrations.md). Steps:
+No download; about 20 s on 2 CPU cores (OMP_NUM_THREADS=1 on busy cores, docs/integrations.md). Steps:
 
 1. draws the two synthetic domains (`tpr.write_synthetic`): a source (domain 0) and a target (domain 1);
 2. pre-trains a small randomly initialised CLIP on the source with the plain `transformers.Trainer`

@@ -300,13 +300,12 @@ def test_nothing_injected_or_all_merged_is_refused(tmp_path):
     assert not (tmp_path / "petl_checkpoint.json").exists()
 
 
-@pytest.mark.slow     # about 30 s (a subprocess importing transformers, data drawn, two trainings)
 def test_example_train_with_hf_trainer(tmp_path):
     """The example at a tiny size: the listed checkpoint has adapters and no base weights, the run resumes
     where it stopped, and the from_pretrained copy gives the same metrics."""
     args = ["--steps", "12", "--pretrain-steps", "6", "--identities", "12", "--batch-size", "16"]
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_hf_trainer.py"), str(tmp_path), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     listing = dict(re.findall(r"^  (\S+)\s+([\d.]+) KiB$", text, flags=re.M))
