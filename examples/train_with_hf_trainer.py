@@ -95,7 +95,8 @@ def sdm(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
 
 
 def training_args(folder: Path, steps: int, lr: float, **changes) -> TrainingArguments:
-    settings = dict(output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
+    settings = dict(output_dir=str(folder), max_steps=steps, per_device_train_batch_size=args.batch_size,
+                    learning_rate=lr,
                     lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, logging_steps=50,
                     seed=0, use_cpu=True, report_to="none", disable_tqdm=True, label_names=["labels"],
                     dataloader_num_workers=0, save_strategy="no")

@@ -85,7 +85,8 @@ def trainer_for(model, out: Path, noise: bool = True, eval_dataset=None, **chang
     settings = dict(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                     lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, report_to="none", use_cpu=True,
                     seed=0, disable_tqdm=True, label_names=["labels"], save_strategy="steps")
-    return hf.PetlTrainer(model=model, args=TrainingArguments(**{**settings, **changes}), train_dataset=Noisy(noise=noise),
+    return hf.PetlTrainer(model=model, args=TrainingArguments(**{**settings, **changes}),
+                          train_dataset=Noisy(noise=noise),
                           eval_dataset=eval_dataset, compute_loss_func=sdm)
 
 
@@ -305,7 +306,8 @@ def test_example_train_with_hf_trainer(tmp_path):
     where it stopped, and the from_pretrained copy gives the same metrics."""
     args = ["--steps", "12", "--pretrain-steps", "6", "--identities", "12", "--batch-size", "16"]
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_hf_trainer.py"), str(tmp_path), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     listing = dict(re.findall(r"^  (\S+)\s+([\d.]+) KiB$", text, flags=re.M))
@@ -321,7 +323,8 @@ def test_load_best_model_at_end(tmp_path):
     """The best checkpoint is loaded back at the end of training. "Best" is the highest eval loss here, so
     that it is the first checkpoint and loading it changes the model (the eval loss falls from 3 to 6)."""
     model = tiny_model()
-    trainer = trainer_for(model, tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+    trainer = trainer_for(model, tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3,
+                          load_best_model_at_end=True,
                           metric_for_best_model="loss", greater_is_better=True, eval_dataset=Noisy(noise=False))
     trainer.train()
     best = Path(trainer.state.best_model_checkpoint)
