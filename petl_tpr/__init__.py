@@ -4,6 +4,7 @@ from . import backbones, methods  # noqa: F401  (registers built-in families and
 from .api import aux_loss, eject, inject, merge
 from .backbones.discover import discover
 from .errors import CheckpointError, DiscoveryError, InjectionError, InputError, PetlError, SpecError, UnsupportedError
+from .integrations.hf import from_pretrained, save_pretrained
 from .interop.peft import export_peft
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .spec import MethodEntry, Spec, Where
@@ -14,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "DiscoveryError", "InjectionError", "InputError", "MethodEntry", "PetlError", "Spec", "SpecError",
     "UnsupportedError", "Where",
-    "adapter_state_dict", "aux_loss", "discover", "eject", "export_peft", "inject", "load_adapters", "merge", "save_adapters", "summary",
+    "adapter_state_dict", "aux_loss", "discover", "eject", "export_peft", "from_pretrained", "inject", "load_adapters",
+    "merge", "save_adapters", "save_pretrained", "summary",
 ]
