@@ -102,6 +102,10 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
         injection.spec = spec if prior.spec is None else prior.spec + spec
         injection.attachments = prior.attachments + done
     arm(model, [_run_site(model, backbone, att) for att in done])
+    if hasattr(type(model), "save_pretrained"):   # transformers: its own save would drop the adapters' spec
+        from .integrations.pretrained import patch_save_pretrained
+
+        patch_save_pretrained(model)
     unnest(model, [b.path for b in backbone.branches.values()])
     if freeze:
         adapters = {id(p) for p in adapter_parameters(model).values()}

@@ -224,12 +224,15 @@ def test_save_pretrained_round_trip_is_exact(preset, tmp_path):
     assert torch.equal(_features(pt.from_pretrained(CLIPModel, tmp_path / "patched")), expected)
 
 
-def test_unpatched_save_pretrained_is_refused_on_load(tmp_path):
+def test_inject_patches_save_pretrained_and_the_unpatched_folder_is_refused_on_load(tmp_path):
     model = tiny_clip()
     pt.inject(model, "up-person")
+    assert hf.is_patched(model), "inject makes model.save_pretrained keep the adapters"
     perturb(model)
     expected = _features(model)
-    model.save_pretrained(tmp_path / "raw")      # transformers' own method, not patched
+    model.save_pretrained(tmp_path / "split")
+    assert torch.equal(_features(pt.from_pretrained(CLIPModel, tmp_path / "split")), expected)
+    CLIPModel.save_pretrained(model, tmp_path / "raw")      # transformers' own method, called past the patch
     # what transformers does with that folder: the adapters are dropped (UNEXPECTED keys, a warning)
     assert torch.equal(_features(CLIPModel.from_pretrained(tmp_path / "raw")), _features(tiny_clip()))
     with pytest.raises(pt.CheckpointError, match="patch_save_pretrained"):
