@@ -15,6 +15,7 @@ from .registry import METHODS
 from .nested import renest, unnest
 from .probe import check_planned
 from .runcheck import arm, forget
+from .sets import DEFAULT, SetGate, acts, check_set_name, tag
 from .spec import Spec
 from .targeting import plan
 
@@ -22,20 +23,53 @@ INJECTION_ATTR = "_petl_injection"
 
 
 @dataclass
-class Injection:
-    """What `inject` did to a model: kept on the model so eject/save/summary can find it."""
+class AdapterSet:
+    """One named set of adapters: its spec (None once every entry was merged) and what was merged."""
 
-    spec: Spec | None               # None once every entry was merged into the base weights
+    name: str
+    spec: Spec | None
+    merged_entries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Injection:
+    """What `inject` did to a model: kept on the model so eject/save/summary can find it.
+
+    `attachments` are those of every set (each `Attachment.set` names its own); `sets` in injection
+    order; `gate` decides which sets act in a forward (`petl_tpr.sets`).
+    """
+
     attachments: list[Attachment]
     requires_grad: dict[str, bool]
     fingerprint: dict[str, dict[str, object]]
-    merged_entries: list[str] = field(default_factory=list)
+    sets: dict[str, AdapterSet] = field(default_factory=dict)
+    gate: SetGate = field(default_factory=SetGate)
+
+    def _only(self) -> AdapterSet:
+        if len(self.sets) != 1:
+            raise InjectionError(f"this model carries {len(self.sets)} adapter sets ({', '.join(self.sets)}); "
+                                 f"ask for one: injection.sets[name].spec")
+        return next(iter(self.sets.values()))
+
+    @property
+    def spec(self) -> Spec | None:
+        """The spec of the model's one adapter set (an error when it has several)."""
+        return self._only().spec
+
+    @property
+    def merged_entries(self) -> list[str]:
+        return self._only().merged_entries
+
+    def of_set(self, name: str) -> list[Attachment]:
+        return [att for att in self.attachments if att.set == name]
 
     def describe(self) -> str:
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, str, str], int] = {}
         for att in self.attachments:
-            counts[(att.entry, att.branch)] = counts.get((att.entry, att.branch), 0) + 1
-        lines = [f"{entry:<14} {branch:<8} {n:>4} sites" for (entry, branch), n in counts.items()]
+            counts[(att.set, att.entry, att.branch)] = counts.get((att.set, att.entry, att.branch), 0) + 1
+        several = len({key[0] for key in counts}) > 1
+        lines = [(f"{name:<10} " if several else "") + f"{entry:<14} {branch:<8} {n:>4} sites"
+                 for (name, entry, branch), n in counts.items()]
         return "\n".join(lines)
 
     __str__ = describe
@@ -45,15 +79,28 @@ def get_injection(model: nn.Module) -> Injection | None:
     return model.__dict__.get(INJECTION_ATTR)
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every adapter parameter under its checkpoint key `<site>.<entry>.<param>`."""
+def _injection(model: nn.Module) -> Injection:
+    injection = get_injection(model)
+    if injection is None:
+        raise InjectionError(f"nothing is injected in this {type(model).__name__}")
+    return injection
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Adapter parameters: of every set under `<site>.<entry>[__<set>].<param>` (unique in the model),
+    or of set `name` under its set-local key `<site>.<entry>.<param>` (as its file stores them)."""
     injection = get_injection(model)
     if injection is None:
         return {}
+    if name is not None and name not in injection.sets:
+        raise InjectionError(f"no adapter set named {name!r}; sets: {', '.join(injection.sets)}")
     out = {}
     for att in injection.attachments:
-        for name, param in adapter_module(model, att).named_parameters():
-            out[f"{att.state_prefix}.{name}"] = param
+        if name is not None and att.set != name:
+            continue
+        prefix = att.state_prefix if name is None else att.local_prefix
+        for param_name, param in adapter_module(model, att).named_parameters():
+            out[f"{prefix}.{param_name}"] = param
     return out
 
 
@@ -65,29 +112,34 @@ def _site_device(model: nn.Module, att: Attachment) -> torch.device:
     return torch.device("cpu")
 
 
-def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Injection:
-    """Attach every method of `spec` (a Spec or a preset name) to `model`, in place.
+def inject(model: nn.Module, spec: Spec | str, *, name: str = DEFAULT, freeze: bool = True) -> Injection:
+    """Attach every method of `spec` (a Spec or a preset name) to `model`, in place, as adapter set `name`.
 
     All selectors are checked before anything changes; an exception half-way detaches what was
     attached. With `freeze`, every non-adapter parameter stops requiring grad (eject restores it).
-    Calling inject again adds to what is there; sharing a site needs `compose="add"`.
+    Calling inject again with the same `name` adds to that set (sharing a site needs `compose="add"`);
+    a new `name` adds a set beside the others (sites may be shared freely) and makes it the one
+    active set: the others stay attached but inert until `activate` (docs/adapter_sets.md).
     """
     if isinstance(spec, str):
         spec = Spec.preset(spec)
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a Spec or a preset name, got {type(spec).__name__}")
+    check_set_name(name)
     guard_hooks()
     prior = get_injection(model)
     backbone = discover(model)
-    planned = plan(model, spec, backbone, prior.attachments if prior else [])
+    planned = plan(model, spec, backbone, prior.attachments if prior else [], set_name=name)
     check_planned(model, backbone, planned)
     # taken before attaching, so adapter parameters are not in it
-    requires = {name: p.requires_grad for name, p in model.named_parameters()} if prior is None else {}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()} if prior is None else {}
+    gate = prior.gate if prior is not None else SetGate()
     done: list[Attachment] = []
     try:
         for site in planned:
             adapter = METHODS[site.entry.method].build(site.entry.config, in_dim=site.in_dim, out_dim=site.out_dim,
                                                        branch=site.attachment.branch, **site.extra)
+            tag(adapter, name, gate)
             attach(model, site.attachment, adapter.to(_site_device(model, site.attachment)))
             done.append(site.attachment)
     except BaseException:
@@ -95,67 +147,99 @@ def inject(model: nn.Module, spec: Spec | str, *, freeze: bool = True) -> Inject
             detach(model, att)
         raise
     if prior is None:
-        injection = Injection(spec, done, requires, backbone.fingerprint())
+        injection = Injection(done, requires, backbone.fingerprint(), gate=gate)
         model.__dict__[INJECTION_ATTR] = injection
     else:
         injection = prior
-        injection.spec = spec if prior.spec is None else prior.spec + spec
         injection.attachments = prior.attachments + done
-    arm(model, [_run_site(model, backbone, att) for att in done])
+    adapter_set = injection.sets.get(name)
+    if adapter_set is None:
+        injection.sets[name] = AdapterSet(name, spec)
+        gate.active = (name,)
+    else:
+        adapter_set.spec = spec if adapter_set.spec is None else adapter_set.spec + spec
+    arm(model, [_run_site(model, backbone, att) for att in done], sets={a.state_prefix: a.set for a in done},
+        gate=gate)
     if hasattr(type(model), "save_pretrained"):   # transformers: its own save would drop the adapters' spec
         from .integrations.pretrained import patch_save_pretrained
 
         patch_save_pretrained(model)
     unnest(model, [b.path for b in backbone.branches.values()])
     if freeze:
-        adapters = {id(p) for p in adapter_parameters(model).values()}
+        trainable = {id(p) for n in gate.active for p in adapter_parameters(model, n).values()}
         for param in model.parameters():
-            param.requires_grad_(id(param) in adapters)
-    return Injection(spec, done, injection.requires_grad, injection.fingerprint)
+            param.requires_grad_(id(param) in trainable)
+    result = Injection(done, injection.requires_grad, injection.fingerprint, gate=gate)
+    result.sets[name] = AdapterSet(name, spec)
+    return result
 
 
 def _run_site(model: nn.Module, backbone, att: Attachment) -> tuple[str, str, str, nn.Module]:
     """(enclosing module, key, description, adapter) for the first-forward run check (runcheck.py)."""
     enclosing = att.owner if att.side is not None else backbone.branches[att.branch].blocks[att.layer].path
-    what = f"{att.entry} ({att.method}) at {att.key} [{att.role}, {att.slot}]"
+    where = "" if att.set == DEFAULT else f" of set {att.set!r}"
+    what = f"{att.entry} ({att.method}){where} at {att.key} [{att.role}, {att.slot}]"
     return enclosing, att.state_prefix, what, adapter_module(model, att)
 
 
-def eject(model: nn.Module) -> None:
-    """Take every adapter out: modules, hooks, attention takeovers, and requires_grad flags as before."""
+def _check_names(injection: Injection, names: list[str]) -> None:
+    unknown = [n for n in names if n not in injection.sets]
+    if unknown:
+        raise InjectionError(f"no adapter set named {', '.join(map(repr, unknown))}; sets: {', '.join(injection.sets)}")
+
+
+def eject(model: nn.Module, name: str | None = None) -> None:
+    """Take adapters out: set `name`, or every set (modules, hooks, attention takeovers; with the last
+    set, the requires_grad flags as before `inject`)."""
     guard_hooks()
-    injection = get_injection(model)
-    if injection is None:
-        raise InjectionError(f"nothing is injected in this {type(model).__name__}")
+    injection = _injection(model)
+    if name is not None:
+        _check_names(injection, [name])
+        if len(injection.sets) > 1:
+            gone = injection.of_set(name)
+            forget(model, [att.state_prefix for att in gone])
+            for att in reversed(gone):
+                detach(model, att)
+            injection.attachments = [a for a in injection.attachments if a.set != name]
+            del injection.sets[name]
+            injection.gate.active = tuple(n for n in injection.gate.active if n != name)
+            return
     forget(model, [att.state_prefix for att in injection.attachments])
     for att in reversed(injection.attachments):
         detach(model, att)
     renest(model)
-    for name, param in model.named_parameters():
-        if name in injection.requires_grad:
-            param.requires_grad_(injection.requires_grad[name])
+    for param_name, param in model.named_parameters():
+        if param_name in injection.requires_grad:
+            param.requires_grad_(injection.requires_grad[param_name])
     del model.__dict__[INJECTION_ATTR]
 
 
-def merge(model: nn.Module) -> list[str]:
-    """Fold every mergeable delta (LoRA) into its base weight and remove it; returns the merged keys.
+def merge(model: nn.Module, name: str | None = None) -> list[str]:
+    """Fold every mergeable delta (LoRA) of set `name` into its base weight and remove it; returns the
+    merged keys. `name` may be left out when the model carries one set.
 
-    Other methods stay attached. Folding changes base weights, so `eject` afterwards keeps them.
+    Other methods stay attached. Folding changes base weights, so `eject` afterwards keeps them, and
+    the other sets (and `disabled`) then run on the merged weights.
     """
     guard_hooks()
-    injection = get_injection(model)
-    if injection is None:
-        raise InjectionError(f"nothing is injected in this {type(model).__name__}")
-    merged = [att for att in injection.attachments if METHODS[att.method].mergeable]
+    injection = _injection(model)
+    if name is None:
+        if len(injection.sets) > 1:
+            raise InjectionError(f"this model carries {len(injection.sets)} adapter sets ({', '.join(injection.sets)}); "
+                                 f"merge folds one set into the shared base weights: say which, merge(model, name=...)")
+        name = next(iter(injection.sets))
+    _check_names(injection, [name])
+    merged = [att for att in injection.of_set(name) if METHODS[att.method].mergeable]
     forget(model, [att.state_prefix for att in merged])
     for att in merged:
         fold(model, att)
     injection.attachments = [a for a in injection.attachments if a not in merged]
-    if injection.spec is None:      # everything was merged by an earlier call
+    adapter_set = injection.sets[name]
+    if adapter_set.spec is None:      # everything was merged by an earlier call
         return []
-    kept = tuple(e for e in injection.spec.entries if not METHODS[e.method].mergeable)
-    injection.merged_entries += [e.name for e in injection.spec.entries if METHODS[e.method].mergeable]
-    injection.spec = Spec(kept) if kept else None
+    kept = tuple(e for e in adapter_set.spec.entries if not METHODS[e.method].mergeable)
+    adapter_set.merged_entries += [e.name for e in adapter_set.spec.entries if METHODS[e.method].mergeable]
+    adapter_set.spec = Spec(kept) if kept else None
     return [a.state_prefix for a in merged]
 
 
@@ -165,7 +249,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     total = None
     for att in injection.attachments if injection else []:
         module = adapter_module(model, att)
-        if hasattr(module, "aux_loss"):
+        if hasattr(module, "aux_loss") and acts(module):
             term = module.aux_loss()
             total = term if total is None else total + term
     if total is None:

@@ -30,6 +30,7 @@ from torch import nn
 from .attention import CONVENTIONS, release, state_of, take_over
 from .backbones.layout import is_conv1d
 from .errors import InjectionError, PetlError
+from .sets import DEFAULT, acts, add_at_rows, row_index
 from .side import SideSite, attach_side, detach_side
 
 SLOTS = ("delta", "parallel", "post")        # applied by SiteHook, in this order; "kv" by the takeover
@@ -55,10 +56,18 @@ class Attachment:
     attention: str | None = None   # attention module taken over to apply this adapter (kv, raw-weight deltas)
     convention: str | None = None  # its takeover convention
     side: SideSite | None = None   # taps and output of a side network (slot "side")
+    set: str = DEFAULT             # the adapter set it belongs to (`petl_tpr.sets`)
+    batch_dim: int = 0             # batch dimension of the hooked module's input (1 for (L, B, D) blocks)
+
+    @property
+    def local_prefix(self) -> str:
+        """Key within its set, as adapter files store it: `<site key>.<entry>`."""
+        return f"{self.key}.{self.entry}"
 
     @property
     def state_prefix(self) -> str:
-        return f"{self.key}.{self.entry}"
+        """Key unique in the model: `local_prefix`, with `__<set>` unless the set is the default one."""
+        return self.local_prefix if self.set == DEFAULT else f"{self.local_prefix}__{self.set}"
 
 
 def home_of(model: nn.Module, owner: str, name: str) -> tuple[str, str]:
@@ -118,7 +127,7 @@ class SiteHook:
     """
 
     def __init__(self, site: str = "") -> None:
-        self.items: list[tuple[str, nn.Module, tuple[int, int] | None, InputTap | None]] = []
+        self.items: list[tuple[str, nn.Module, tuple[int, int] | None, InputTap | None, int]] = []
         self.handle: Any = None
         self.site = site
 
@@ -137,15 +146,23 @@ class SiteHook:
             raise InjectionError(f"{type(module).__name__} returned {type(out).__name__}, not a tensor")
         x = _first_input(args, kwargs)
         for slot in SLOTS:
-            for item_slot, adapter, rows, tap in self.items:
+            for item_slot, adapter, rows, tap, dim in self.items:
                 if item_slot != slot:
                     continue
+                source = tap.take() if tap is not None else None     # taken even when inert: one forward's input
+                if not acts(adapter):
+                    continue
                 if slot == "delta":
-                    out = _add_rows(out, adapter(x), rows)
-                elif slot == "parallel":
-                    out = out + adapter(tap.take() if tap is not None else x)
+                    index = row_index(adapter, x, dim, self.site)
+                    delta = adapter(x if index is None else x.index_select(dim, index))
+                    if index is not None and rows is not None:
+                        delta = delta.new_zeros(out.shape[:-1] + delta.shape[-1:]).index_add(dim, index, delta)
+                        index = None
+                    out = _add_rows(out, delta, rows) if index is None else add_at_rows(out, delta, index, dim)
                 else:
-                    out = out + adapter(out)
+                    inp = (source if source is not None else x) if slot == "parallel" else out
+                    index = row_index(adapter, inp, dim, self.site)
+                    out = add_at_rows(out, adapter(inp if index is None else inp.index_select(dim, index)), index, dim)
         if is_seq:
             return [out, *output[1:]] if isinstance(output, list) else (out, *output[1:])
         return out
@@ -179,7 +196,7 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
     if att.source is not None:
         tap = InputTap()
         tap.handle = model.get_submodule(att.source).register_forward_pre_hook(tap, with_kwargs=True)
-    hook.items.append((att.slot, adapter, att.rows, tap))
+    hook.items.append((att.slot, adapter, att.rows, tap, att.batch_dim))
 
 
 def adapter_module(model: nn.Module, att: Attachment) -> nn.Module:

@@ -26,7 +26,8 @@ from torch import nn
 from .api import adapter_parameters, eject, get_injection, inject
 from .atomic import write_atomic
 from .backbones.discover import discover
-from .errors import CheckpointError, SpecError
+from .errors import CheckpointError, InputError, SpecError
+from .sets import DEFAULT, check_set_name
 from .sizes import human, numel, planned_shapes
 from .spec import Spec
 from .targeting import plan
@@ -51,31 +52,56 @@ def _check_target(path: Path) -> None:
             break
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, str] | None = None) -> Path:
-    """Write the adapters of `model` to `path` atomically; returns the path."""
+SET_SEPARATOR = "::"      # `<set>::<key>` in a file that holds several sets
+RESERVED = {"format", "format_version", "spec", "backbone", "merged_entries", "set", "sets", "active"}
+
+
+def _sets_to_save(injection, name: str | None) -> list[str]:
+    names = list(injection.sets) if name is None else [name]
+    if name is not None and name not in injection.sets:
+        raise CheckpointError(f"no adapter set named {name!r} to save; sets: {', '.join(injection.sets)}")
+    merged = [n for n in names if injection.sets[n].spec is None]
+    if merged:
+        entries = ", ".join(e for n in merged for e in injection.sets[n].merged_entries)
+        what = "every adapter" if len(names) == 1 else f"set(s) {', '.join(map(repr, merged))}: every adapter"
+        raise CheckpointError(f"{what} ({entries}) was merged into the base weights; there is nothing adapter-only "
+                              f"left to save" + ("" if len(names) == 1 else "; save the other sets by name"))
+    return names
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
+                  extra: dict[str, str] | None = None) -> Path:
+    """Write the adapters of `model` to `path` atomically; returns the path.
+
+    With `name`, set `name` alone (keys `<site>.<entry>.<param>`, loadable under any set name);
+    without, every set, each under its name (one set: as with `name`; several: keys `<set>::<key>`).
+    """
     path = Path(path)
     _check_target(path)
     injection = get_injection(model)
     if injection is None:
         raise CheckpointError("this model has no adapters to save (call inject first)")
-    if injection.spec is None:
-        raise CheckpointError(f"every adapter ({', '.join(injection.merged_entries)}) was merged into the base "
-                              f"weights; there is nothing adapter-only left to save")
-    reserved = {"format", "format_version", "spec", "backbone", "merged_entries"}
-    if extra and reserved & set(extra):
-        raise CheckpointError(f"extra metadata may not use the reserved key(s) {sorted(reserved & set(extra))}")
-    spec = injection.spec
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "spec": spec.to_json(),
-        "backbone": json.dumps(injection.fingerprint, sort_keys=True),
-        "merged_entries": json.dumps(injection.merged_entries),
-        **(extra or {}),
-    }
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    names = _sets_to_save(injection, name)
+    if extra and RESERVED & set(extra):
+        raise CheckpointError(f"extra metadata may not use the reserved key(s) {sorted(RESERVED & set(extra))}")
     if extra and not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise CheckpointError("extra metadata must map strings to strings (safetensors stores strings only)")
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "backbone": json.dumps(injection.fingerprint, sort_keys=True)}
+    tensors: dict[str, torch.Tensor] = {}
+    if len(names) == 1:
+        adapter_set = injection.sets[names[0]]
+        metadata |= {"spec": adapter_set.spec.to_json(), "merged_entries": json.dumps(adapter_set.merged_entries),
+                     "set": names[0]}
+        tensors = dict(adapter_parameters(model, names[0]))
+    else:
+        metadata["sets"] = json.dumps([{"name": n, "spec": injection.sets[n].spec.to_dict(),
+                                        "merged_entries": injection.sets[n].merged_entries} for n in names])
+        metadata["active"] = json.dumps(list(injection.gate.active))
+        for n in names:
+            tensors |= {f"{n}{SET_SEPARATOR}{k}": v for k, v in adapter_parameters(model, n).items()}
+    metadata |= extra or {}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
         return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except OSError as error:   # the previous file, if any, is left as it was
@@ -194,55 +220,122 @@ def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
                                   f"load it anyway (for debugging)")
 
 
-def _stored(metadata: dict[str, str], path: Path) -> tuple[Spec, dict]:
+@dataclass(frozen=True)
+class StoredSet:
+    """One adapter set as a file stores it: its name, spec, and the prefix of its keys in the file."""
+
+    name: str
+    spec: Spec
+    key_prefix: str
+
+
+def _stored(metadata: dict[str, str], path: Path) -> tuple[list[StoredSet], dict, list[str] | None]:
+    """The file's sets, its backbone fingerprint and (several sets) the sets that were active."""
     try:
-        spec = Spec.from_json(metadata["spec"])
         backbone = json.loads(metadata["backbone"])
-    except (KeyError, SpecError, ValueError, RecursionError) as error:
-        raise CheckpointError(f"{path}: unreadable spec or backbone metadata: {error}") from None
-    return spec, backbone
+        if "sets" not in metadata:
+            name = metadata.get("set", DEFAULT)
+            return [StoredSet(check_set_name(name), Spec.from_json(metadata["spec"]), "")], backbone, None
+        raw = json.loads(metadata["sets"])
+        if not isinstance(raw, list) or not raw or not all(isinstance(e, dict) for e in raw):
+            raise ValueError("'sets' must be a non-empty list of objects")
+        sets = [StoredSet(check_set_name(e.get("name")), Spec.from_dict(e.get("spec")),
+                          f"{e.get('name')}{SET_SEPARATOR}") for e in raw]
+        if len({s.name for s in sets}) != len(sets):
+            raise ValueError("a set name repeats")
+        active = json.loads(metadata.get("active", "[]"))
+        if not isinstance(active, list) or not all(isinstance(a, str) for a in active):
+            raise ValueError("'active' must be a list of set names")
+    except (KeyError, SpecError, InputError, ValueError, RecursionError, TypeError) as error:
+        raise CheckpointError(f"{path}: unreadable spec, set or backbone metadata: {error}") from None
+    return sets, backbone, [a for a in active if a in {s.name for s in sets}]
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, *, allow_non_finite: bool = False) -> nn.Module:
-    """Load an adapter file into `model`, injecting its stored spec first if the model has no adapters.
+def _split_keys(shapes: dict[str, tuple[int, ...]], sets: list[StoredSet], path: Path) -> list[dict[str, tuple[int, ...]]]:
+    """The file's keys per set, with each set's key prefix taken off."""
+    out: list[dict[str, tuple[int, ...]]] = [{} for _ in sets]
+    for key, shape in shapes.items():
+        owner = next((i for i, s in enumerate(sets) if key.startswith(s.key_prefix)), None)
+        if owner is None:
+            raise CheckpointError(f"{path}: tensor {key!r} belongs to none of the file's sets "
+                                  f"({', '.join(s.name for s in sets)})")
+        out[owner][key[len(sets[owner].key_prefix):]] = shape
+    return out
 
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
+                  allow_non_finite: bool = False) -> nn.Module:
+    """Load an adapter file into `model`: each set it holds is injected from its stored spec and filled.
+
+    `name` loads a one-set file under that set name (default: the name it was saved under,
+    "default" for files that never named one). A set name the model already has is an error, except
+    for a one-set file loaded without `name` into a model whose set of that name it fits: its
+    tensors are then copied into that set (loading weights into a model injected by hand).
     Everything is checked before anything is built or copied (docs/checkpoints.md); a refused file
     leaves the model as it was. `allow_non_finite` lets NaN/inf tensors through (a diverged run).
     """
     path = Path(path)
     header = read_header(path)
-    spec, stored_backbone = _stored(header.metadata, path)
+    sets, stored_backbone, active = _stored(header.metadata, path)
+    if name is not None:
+        check_set_name(name)
+        if len(sets) > 1:
+            raise CheckpointError(f"{path} holds {len(sets)} adapter sets ({', '.join(s.name for s in sets)}), each "
+                                  f"under its name; load it without name=")
+        sets = [StoredSet(name, sets[0].spec, sets[0].key_prefix)]
     _check_backbone(model, stored_backbone, path)
-    injected_here = get_injection(model) is None
-    if injected_here:
-        try:   # the stored spec's sites and parameter shapes on this model: planned, not built
-            planned = plan(model, spec, discover(model), [], fits=False)
-        except SpecError as error:
-            raise CheckpointError(f"{path}: the stored spec does not apply to this model: {error}") from None
-        _check_shapes(header.shapes, planned_shapes(planned), path, "as the stored spec implies for this model")
+    injection = get_injection(model)
+    existing = dict(injection.sets) if injection is not None else {}
+    into_existing = name is None and len(sets) == 1 and sets[0].name in existing
+    clash = [s.name for s in sets if s.name in existing]
+    if clash and not into_existing:
+        raise CheckpointError(f"{path}: the model already has adapter set(s) {', '.join(map(repr, clash))}; eject "
+                              f"them first, or load a one-set file under another name (name=...)")
+    per_set = _split_keys(header.shapes, sets, path)
+    if into_existing:
+        live_shapes = {k: tuple(p.shape) for k, p in adapter_parameters(model, sets[0].name).items()}
+        _check_shapes(per_set[0], live_shapes, path, "in the model")
     else:
-        live_shapes = {k: tuple(p.shape) for k, p in adapter_parameters(model).items()}
-        _check_shapes(header.shapes, live_shapes, path, "in the model")
+        backbone = discover(model)
+        attachments = list(injection.attachments) if injection is not None else []
+        for stored, file_shapes in zip(sets, per_set):
+            try:   # the stored spec's sites and parameter shapes on this model: planned, not built
+                planned = plan(model, stored.spec, backbone, attachments, fits=False, set_name=stored.name)
+            except SpecError as error:
+                raise CheckpointError(f"{path}: the stored spec of set {stored.name!r} does not apply to this model: "
+                                      f"{error}") from None
+            attachments += [site.attachment for site in planned]
+            _check_shapes(file_shapes, planned_shapes(planned, local=True), path,
+                          "as the stored spec implies for this model")
     _check_dtypes(header.dtypes, path)
     tensors = _read_tensors(path, sorted(header.shapes))   # now bounded by the expected sizes
     _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, header.shapes, path,
                   "in its header (the file changed while it was read)")
     if not allow_non_finite:
         _check_finite(tensors, path)
-    if injected_here:
-        try:
-            inject(model, spec)
-        except SpecError as error:
-            raise CheckpointError(f"{path}: the stored spec does not fit this model: {error}") from None
+    done: list[str] = []
     try:
-        live = adapter_parameters(model)
-        _check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
-                      {k: tuple(p.shape) for k, p in live.items()}, path, "in the model")
+        for stored in sets:
+            if not into_existing:
+                try:
+                    inject(model, stored.spec, name=stored.name)
+                except SpecError as error:
+                    raise CheckpointError(f"{path}: the stored spec of set {stored.name!r} does not fit this model: "
+                                          f"{error}") from None
+                done.append(stored.name)
+            live = adapter_parameters(model, stored.name)
+            mine = {k[len(stored.key_prefix):]: v for k, v in tensors.items() if k.startswith(stored.key_prefix)}
+            _check_shapes({k: tuple(v.shape) for k, v in mine.items()}, {k: tuple(p.shape) for k, p in live.items()},
+                          path, "in the model")
+            with torch.no_grad():
+                for key, param in live.items():
+                    param.copy_(mine[key].to(dtype=param.dtype, device=param.device))
     except BaseException:
-        if injected_here:
-            eject(model)
+        for set_name in reversed(done):
+            eject(model, set_name)
         raise
-    with torch.no_grad():
-        for key, param in live.items():
-            param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
+    if active:
+        from .switch import activate
+
+        activate(model, active + [n for n in get_injection(model).gate.active if n not in done])
     return model

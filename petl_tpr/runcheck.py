@@ -38,13 +38,21 @@ class RunCheck:
         self.pending: dict[str, dict[str, str]] = {}      # enclosing path -> {adapter key: site description}
         self.ran: set[str] = set()
         self.handles: dict[str, list[Any]] = {}            # enclosing path or adapter key -> hook handles
+        self.sets: dict[str, str] = {}                      # adapter key -> its adapter set
+        self.gate: Any = None                               # the model's SetGate: only acting sets are expected
+
+    def _expected(self, enclosing: str) -> dict[str, str]:
+        pending = self.pending.get(enclosing, {})
+        if self.gate is None:
+            return pending
+        return {key: what for key, what in pending.items() if key not in self.sets or self.gate.acts(self.sets[key])}
 
     def clear(self, enclosing: str) -> None:
         for key in self.pending.get(enclosing, {}):
             self.ran.discard(key)
 
     def verify(self, enclosing: str) -> None:
-        expected = self.pending.get(enclosing, {})
+        expected = self._expected(enclosing)      # an inert set's adapters stay pending until their set acts
         missing = [what for key, what in expected.items() if key not in self.ran]
         if missing:
             others = sum(len(v) for p, v in self.pending.items() if p != enclosing)
@@ -57,9 +65,11 @@ class RunCheck:
         for key in expected:
             for handle in self.handles.pop(key, []):
                 handle.remove()
-        for handle in self.handles.pop(enclosing, []):
-            handle.remove()
-        self.pending.pop(enclosing, None)
+            self.pending[enclosing].pop(key, None)
+        if not self.pending.get(enclosing):
+            for handle in self.handles.pop(enclosing, []):
+                handle.remove()
+            self.pending.pop(enclosing, None)
         self.ran.difference_update(expected)
 
     def remove(self) -> None:
@@ -98,7 +108,8 @@ def check_of(model: nn.Module) -> RunCheck | None:
     return model.__dict__.get(CHECK_ATTR)
 
 
-def arm(model: nn.Module, sites: list[tuple[str, str, str, nn.Module]]) -> None:
+def arm(model: nn.Module, sites: list[tuple[str, str, str, nn.Module]], *, sets: dict[str, str] | None = None,
+        gate: Any = None) -> None:
     """Expect each `(enclosing path, adapter key, description, adapter module)` to run.
 
     The enclosing module's verifying hook is registered last, after every adapter hook on it, so a
@@ -107,6 +118,8 @@ def arm(model: nn.Module, sites: list[tuple[str, str, str, nn.Module]]) -> None:
     check = check_of(model)
     if check is None:
         check = model.__dict__[CHECK_ATTR] = RunCheck()
+    check.sets.update(sets or {})
+    check.gate = gate if gate is not None else check.gate
     for enclosing, key, what, adapter in sites:
         check.handles.setdefault(key, []).append(adapter.register_forward_pre_hook(_Mark(check, key)))
         if enclosing not in check.pending:
@@ -132,6 +145,7 @@ def forget(model: nn.Module, keys: list[str]) -> None:
         for handle in check.handles.pop(key, []):
             handle.remove()
         check.ran.discard(key)
+        check.sets.pop(key, None)
     for enclosing in list(check.pending):
         for key in keys:
             check.pending[enclosing].pop(key, None)

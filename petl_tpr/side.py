@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InjectionError
+from .sets import acts, add_at_rows, row_index
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ class SideOutput:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         out = _tensor(output)
-        hidden, ids = self.state.take()
+        hidden, ids = self.state.take()          # taken even when its set is inert: one forward's taps
+        if not acts(self.adapter):
+            return output
         if not self.batch_first:
             hidden = [h.transpose(0, 1) for h in hidden]
             out = out.transpose(0, 1) if out.dim() == 3 else out
@@ -106,7 +109,13 @@ class SideOutput:
             index = ids.argmax(dim=-1)
             valid = torch.arange(ids.shape[-1], device=ids.device)[None] <= index[:, None]
         pooled = out if out.dim() == 2 else out[torch.arange(b, device=out.device), index]
-        correction = self.adapter(pooled.detach(), hidden, index, valid).to(out.dtype)
+        rows = row_index(self.adapter, pooled, 0, "a side network's output")
+        if rows is None:
+            correction = self.adapter(pooled.detach(), hidden, index, valid).to(out.dtype)
+        else:      # per-sample sets: this side network runs on its own rows only
+            part = self.adapter(pooled.detach()[rows], [h[rows] for h in hidden], index[rows],
+                                None if valid is None else valid[rows])
+            correction = add_at_rows(pooled.new_zeros(b, part.shape[-1]), part, rows, 0)
         if out.dim() == 2:
             new = out + correction
         else:

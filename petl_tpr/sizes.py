@@ -23,19 +23,21 @@ if TYPE_CHECKING:
     from .targeting import PlannedSite
 
 
-def site_shapes(site: "PlannedSite") -> dict[str, tuple[int, ...]]:
-    """Every parameter the site's adapter would have, under its checkpoint key `<site>.<entry>.<param>`."""
+def site_shapes(site: "PlannedSite", local: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every parameter the site's adapter would have, under its key in the model (`state_prefix`), or
+    with `local` under its key within its set, as an adapter file stores it (`<site>.<entry>.<param>`)."""
     method = METHODS[site.entry.method]
     shapes = method.param_shapes(site.entry.config, in_dim=site.in_dim, out_dim=site.out_dim,
                                  branch=site.attachment.branch, **site.extra)
-    return {f"{site.attachment.state_prefix}.{name}": tuple(shape) for name, shape in shapes.items()}
+    prefix = site.attachment.local_prefix if local else site.attachment.state_prefix
+    return {f"{prefix}.{name}": tuple(shape) for name, shape in shapes.items()}
 
 
-def planned_shapes(planned: Iterable["PlannedSite"]) -> dict[str, tuple[int, ...]]:
+def planned_shapes(planned: Iterable["PlannedSite"], local: bool = False) -> dict[str, tuple[int, ...]]:
     """`site_shapes` of every planned site, in plan order."""
     out: dict[str, tuple[int, ...]] = {}
     for site in planned:
-        out.update(site_shapes(site))
+        out.update(site_shapes(site, local))
     return out
 
 

@@ -12,11 +12,16 @@ from .attach import adapter_module
 
 @dataclass(frozen=True)
 class Summary:
-    """`rows`: (branch, entry, trainable count). Percent = trainable / (frozen + trainable) * 100."""
+    """`rows`: (branch, entry, trainable count). Percent = trainable / (frozen + trainable) * 100.
+
+    With several adapter sets, a row's entry is `<set>/<entry>`, and `sets` has one row per set:
+    (name, active, adapter parameters, of which trainable).
+    """
 
     rows: tuple[tuple[str, str, int], ...]
     trainable: int
     frozen: int
+    sets: tuple[tuple[str, bool, int, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -45,6 +50,9 @@ class Summary:
                   f"{'trainable':<27} {self.trainable:>12,}",
                   f"{'frozen':<27} {self.frozen:>12,}",
                   f"{'percent':<27} {self.percent:>11.2f}%  (trainable / (frozen + trainable))"]
+        if len(self.sets) > 1:
+            lines += ["", f"{'set':<16} {'active':<7} {'parameters':>12} {'trainable':>12}", "-" * 50]
+            lines += [f"{n:<16} {'yes' if a else 'no':<7} {p:>12,} {t:>12,}" for n, a, p, t in self.sets]
         return "\n".join(lines)
 
     __str__ = table
@@ -55,11 +63,16 @@ def summary(model: nn.Module) -> Summary:
     counts: dict[tuple[str, str], int] = {}
     adapter_ids: set[int] = set()
     injection = get_injection(model)
+    several = injection is not None and len(injection.sets) > 1
+    per_set: dict[str, list[int]] = {name: [0, 0] for name in (injection.sets if injection is not None else ())}
     for att in injection.attachments if injection is not None else []:
+        label = f"{att.set}/{att.entry}" if several else att.entry
         for param in adapter_module(model, att).parameters():
             adapter_ids.add(id(param))
+            per_set[att.set][0] += param.numel()
             if param.requires_grad:
-                counts[(att.branch, att.entry)] = counts.get((att.branch, att.entry), 0) + param.numel()
+                per_set[att.set][1] += param.numel()
+                counts[(att.branch, label)] = counts.get((att.branch, label), 0) + param.numel()
     trainable = frozen = 0
     seen: set[int] = set()
     for param in model.parameters():
@@ -73,4 +86,6 @@ def summary(model: nn.Module) -> Summary:
         else:
             frozen += param.numel()
     rows = tuple((b, e, n) for (b, e), n in counts.items())
-    return Summary(rows, trainable, frozen)
+    active = injection.gate.active if injection is not None else ()
+    sets = tuple((name, name in active, p, t) for name, (p, t) in per_set.items())
+    return Summary(rows, trainable, frozen, sets)

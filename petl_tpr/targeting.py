@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from .backbones.discover import Backbone
 from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block, Branch
 from .errors import SpecError
 from .registry import FAMILIES, METHODS
+from .sets import DEFAULT
 from .side import SideSite
 from .sizes import check_fits
 from .spec import MethodEntry, Spec
@@ -116,17 +117,35 @@ def _describe(backbone: Backbone) -> str:
     return ", ".join(f"{b.name} ({len(b.blocks)} layers, {b.family})" for b in backbone.branches.values())
 
 
+def _in_set(model: nn.Module, site: PlannedSite, block: Block | None, set_name: str) -> PlannedSite:
+    """The site's attachment as a member of adapter set `set_name`, with its module's batch dimension.
+
+    Adapters of a set other than the default one are registered as `<entry>__<set>`, so sets share
+    sites without sharing names.
+    """
+    att = site.attachment
+    changes: dict = {"set": set_name}
+    if set_name != DEFAULT:
+        changes["container"] = f"{att.container}__{set_name}"
+    if block is not None and att.attention is None and att.side is None:
+        changes["batch_dim"] = 0 if block.layout.batch_first(model.get_submodule(block.path)) else 1
+    return replace(site, attachment=replace(att, **changes))
+
+
 def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attachment], *,
-         fits: bool = True) -> list[PlannedSite]:
-    """Every attachment the spec asks for, in spec order. Raises SpecError on anything wrong.
+         fits: bool = True, set_name: str = DEFAULT) -> list[PlannedSite]:
+    """Every attachment the spec asks for, in spec order, as members of set `set_name`. Raises
+    SpecError on anything wrong.
 
     Nothing is built: with `fits`, the parameters the sites would get (`Method.param_shapes`) are
     summed and refused when they exceed the free memory of the model's device (`sizes.check_fits`).
+    Sites taken by other sets are free for this one (sets act apart, or add up when activated together).
     """
     taken: dict[tuple[str, str], list[Attachment]] = {}
     stored: dict[tuple[str, str, str | None], Attachment] = {}
     for att in existing:
-        taken.setdefault((att.key, att.slot), []).append(att)
+        if att.set == set_name:
+            taken.setdefault((att.key, att.slot), []).append(att)
         stored[(att.home, att.container, att.param)] = att
     planned: list[PlannedSite] = []
     for entry in spec.entries:
@@ -148,11 +167,13 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
             except SpecError as error:
                 raise SpecError(f"entry {entry.name!r}, branch {branch_name!r}: {error}") from None
             if slot == "side":
-                sites = [_side_site(model, backbone.branches[branch_name], layers, entry)] if layers else []
+                sites = [_in_set(model, _side_site(model, backbone.branches[branch_name], layers, entry), None, set_name)
+                         ] if layers else []
                 for site in sites:
                     _check_side_owner(site, planned, backbone)
             else:
-                sites = [_site(model, blocks[i], role, slot, entry) for i in layers for role in entry.roles]
+                sites = [_in_set(model, _site(model, blocks[i], role, slot, entry), blocks[i], set_name)
+                         for i in layers for role in entry.roles]
             for site in sites:
                 _check_free(site, taken)
                 _check_name(site.attachment, stored)

@@ -76,14 +76,42 @@ def _pad_keys(mask: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([mask, pad(*mask.shape[:-1], extra, dtype=mask.dtype, device=mask.device)], dim=-1)
 
 
-def _prefix_heads(prefixes: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor):
-    """Stack `[(key (L_i, H*dh), value (L_i, H*dh))]` into `(B, H, sum L_i, dh)` keys and values."""
+def _prefix_heads(prefixes: Sequence[tuple], like: torch.Tensor):
+    """Stack `[(key (L_i, H*dh), value (L_i, H*dh)[, rows])]` into `(B, H, sum L_i, dh)` keys and values.
+
+    Also returns which rows see each prefix slot, `(B, sum L_i)` bool, when some prefix is given
+    `rows` (a LongTensor of batch rows: `per_sample` adapter sets), else None.
+    """
     b, h, _, dh = like.shape
-    keys = torch.cat([k for k, _ in prefixes]).to(like.dtype)
-    values = torch.cat([v for _, v in prefixes]).to(like.dtype)
+    keys = torch.cat([p[0] for p in prefixes]).to(like.dtype)
+    values = torch.cat([p[1] for p in prefixes]).to(like.dtype)
     shape = (keys.shape[0], h, dh)
+    visible = None
+    if any(len(p) > 2 for p in prefixes):
+        parts = []
+        for p in prefixes:
+            length = p[0].shape[0]
+            if len(p) == 2:
+                parts.append(torch.ones(b, length, dtype=torch.bool, device=like.device))
+            else:
+                seen = torch.zeros(b, dtype=torch.bool, device=like.device).index_fill(0, p[2].to(like.device), True)
+                parts.append(seen[:, None].expand(b, length))
+        visible = torch.cat(parts, dim=1)
     return (keys.view(shape).transpose(0, 1).expand(b, -1, -1, -1),
-            values.view(shape).transpose(0, 1).expand(b, -1, -1, -1))
+            values.view(shape).transpose(0, 1).expand(b, -1, -1, -1), visible)
+
+
+def _with_prefix_columns(mask: torch.Tensor | None, visible: torch.Tensor, lk: int) -> torch.Tensor:
+    """A `(B, Hm, Lq, lk + P)` mask: `mask` on the real keys (all visible when None), `visible (B, P)` on the prefix."""
+    b, extra = visible.shape
+    if mask is None:
+        mask = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=visible.device)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    mask = mask.expand(b, mask.shape[1], mask.shape[2], lk)
+    cols = visible[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], extra)
+    if mask.dtype != torch.bool:
+        cols = _as_additive(cols, mask.dtype)
+    return torch.cat([mask, cols], dim=-1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -92,7 +120,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention with optional key/value prefixes.
 
-    q `(B, H, Lq, dh)`, k and v `(B, H, Lk, dh)`; mask bool (True = may attend) or additive float,
+    q `(B, H, Lq, dh)`, k and v `(B, H, Lk, dh)`; prefixes `[(key, value)]` or `[(key, value, rows)]`
+    (see `_prefix_heads`); mask bool (True = may attend) or additive float,
     broadcastable to `(B, H, Lq, Lk)`; `causal` applies a top-left causal mask over the real keys.
     Returns the context `(B, H, Lq, dh)` and, with `need_weights`, the attention probabilities on
     the real keys `(B, H, Lq, Lk)` (prefix columns left out, so the shape is the module's own).
@@ -102,9 +131,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
         mask = combine_masks(mask, causal_mask(lq, lk, q.device), q.dtype)
         causal = False
     if prefixes:
-        pk, pv = _prefix_heads(prefixes, k)
+        pk, pv, visible = _prefix_heads(prefixes, k)
         k, v = torch.cat([k, pk], dim=-2), torch.cat([v, pv], dim=-2)
-        if mask is not None:
+        if visible is not None:      # per-sample sets: each row sees its own set's prefix only
+            mask = _with_prefix_columns(mask, visible, lk)
+        elif mask is not None:
             if mask.shape[-1] != lk:
                 mask = mask.expand(*mask.shape[:-1], lk)
             mask = _pad_keys(mask, pk.shape[-2])

@@ -90,7 +90,7 @@ class HFAttention(Convention):
         out, weights = attend(
             q, k, v, mask=attention_mask, causal=causal and attention_mask is None and q.shape[2] > 1,
             scale=_first_attr(module, ("scale", "scaling")), dropout=_dropout(module) if module.training else 0.0,
-            prefixes=state.prefix_tensors(), need_weights=bool(kwargs.get("output_attentions")))
+            prefixes=state.prefix_tensors(q), need_weights=bool(kwargs.get("output_attentions")))
         out = merge_heads(out)
         if o_proj is not None:
             out = o_proj(out)

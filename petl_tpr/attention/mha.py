@@ -85,7 +85,7 @@ class MHAAttention(Convention):
         b, _, lq, _ = q.shape
         mask = self._masks(module, b, lq, k.shape[2], key_padding_mask, attn_mask, q.dtype)
         ctx, weights = attend(q, k, v, mask=mask, dropout=module.dropout if module.training else 0.0,
-                              prefixes=state.prefix_tensors(), need_weights=need_weights)
+                              prefixes=state.prefix_tensors(q), need_weights=need_weights)
         out = state.project("o", merge_heads(ctx), module.out_proj.weight, module.out_proj.bias)
         if not batched:
             out = out.squeeze(0)

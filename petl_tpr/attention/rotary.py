@@ -87,6 +87,6 @@ class RotaryAttention(Convention):
         causal = bool(getattr(module, "is_causal", True)) and attention_mask is None and length > 1
         dropout = float(getattr(module, "attention_dropout", 0.0)) if module.training else 0.0
         out, weights = attend(q, k, v, mask=attention_mask, causal=causal, scale=getattr(module, "scaling", None),
-                              dropout=dropout, prefixes=state.prefix_tensors(),
+                              dropout=dropout, prefixes=state.prefix_tensors(q),
                               need_weights=bool(kwargs.get("output_attentions")))
         return module.o_proj(merge_heads(out)), weights

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import InjectionError
+from ..sets import acts, add_at_rows, row_index
 
 STATE_ATTR = "_petl_takeover"
 _CLASSES: dict[type, type] = {}
@@ -74,10 +75,20 @@ class TakeoverState:
         return not self.prefixes and not self.deltas
 
     def delta(self, role: str, x: torch.Tensor) -> torch.Tensor | None:
-        """Sum of the deltas on projection `role` for its input `x (..., in)`; None when there are none."""
+        """Sum of the acting deltas on projection `role` for its input `x (B, ..., in)`; None when none act.
+
+        Under `per_sample` each set's delta is computed on its own rows and is zero on the others.
+        """
         out = None
         for adapter in self.deltas.get(role, ()):
-            term = adapter(x)
+            if not acts(adapter):
+                continue
+            index = row_index(adapter, x, 0, f"the {role} projection of a taken-over attention")
+            if index is None:
+                term = adapter(x)
+            else:
+                term = adapter(x.index_select(0, index))
+                term = add_at_rows(term.new_zeros(x.shape[:-1] + term.shape[-1:]), term, index, 0)
             out = term if out is None else out + term
         return out
 
@@ -87,8 +98,18 @@ class TakeoverState:
         delta = self.delta(role, x)
         return out if delta is None else out + delta
 
-    def prefix_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [prefix() for prefix in self.prefixes]
+    def prefix_tensors(self, batch: torch.Tensor | None = None) -> list[tuple]:
+        """`(key (L, d), value (L, d))` of every acting prefix; under `per_sample`, `(key, value, rows)`
+        with the batch rows (LongTensor) that see it. `batch` is a `(B, ...)` tensor of the call (the
+        query) to check the row count against; `attend` masks the prefix for the other rows."""
+        out = []
+        for prefix in self.prefixes:
+            if not acts(prefix):
+                continue
+            key, value = prefix()
+            index = None if batch is None else row_index(prefix, batch, 0, "a taken-over attention")
+            out.append((key, value) if index is None else (key, value, index))
+        return out
 
 
 def _marker(module: nn.Module, args: tuple) -> None:

@@ -48,7 +48,7 @@ class TimmAttention(Convention):
             check_mask(attn_mask, (b, heads, n, n), type(module).__name__)
         drop = module.attn_drop.p if module.training and hasattr(module, "attn_drop") else 0.0
         ctx, _ = attend(q, k, v, mask=attn_mask, causal=is_causal, scale=getattr(module, "scale", None), dropout=drop,
-                        prefixes=state.prefix_tensors())
+                        prefixes=state.prefix_tensors(q))
         out = getattr(module, "norm", _identity)(merge_heads(ctx))
         if gate is not None:
             out = out * gate

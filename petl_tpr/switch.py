@@ -1,0 +1,103 @@
+"""Switching between the adapter sets of one model: activate, disabled, per_sample (see `petl_tpr.sets`).
+
+Nothing here builds, copies or moves a tensor: switching sets a few attributes of the model's
+`SetGate` and, for `activate`, the `requires_grad` flags of the adapter parameters, so an optimiser
+built after `activate` trains only the active sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .api import Injection, _check_names, _injection, adapter_parameters
+from .errors import InjectionError, InputError
+
+
+def adapter_sets(model: nn.Module) -> list[str]:
+    """The names of the model's adapter sets, in injection order ([] when nothing is injected)."""
+    from .api import get_injection
+
+    injection = get_injection(model)
+    return [] if injection is None else list(injection.sets)
+
+
+def active_sets(model: nn.Module) -> list[str]:
+    """The sets that act in a plain forward (outside `disabled` and `per_sample`)."""
+    return list(_injection(model).gate.active)
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(n, str) for n in names):
+        raise InputError(f"set names must be strings, got {value!r}")
+    if len(set(names)) != len(names):
+        raise InputError(f"set names repeat: {names}")
+    return names
+
+
+def _check_together(injection: Injection, names: list[str]) -> None:
+    """Sets that act together must not both end a side network at one module (their corrections would chain)."""
+    owners: dict[str, str] = {}
+    for att in injection.attachments:
+        if att.side is None or att.set not in names:
+            continue
+        other = owners.setdefault(att.owner, att.set)
+        if other != att.set:
+            raise InjectionError(f"sets {other!r} and {att.set!r} both have a side network ({att.method}) ending at "
+                                 f"'{att.owner}': each would correct the other's output, so they cannot act together; "
+                                 f"activate one of them, or mix them row by row with per_sample")
+
+
+def activate(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` (one set or several) the sets that act; the others stay attached, inert.
+
+    Only the active sets' adapter parameters require grad afterwards. Several sets act together as
+    one set would (deltas and adapters add up, prefixes concatenate).
+    """
+    injection = _injection(model)
+    names = _names(names)
+    _check_names(injection, names)
+    _check_together(injection, names)
+    injection.gate.active = tuple(n for n in injection.sets if n in names)
+    for name in injection.sets:
+        for param in adapter_parameters(model, name).values():
+            param.requires_grad_(name in names)
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block no set acts: the outputs are the bare backbone's (on merged weights, if a set was merged)."""
+    gate = _injection(model).gate
+    before = gate.off
+    gate.off = True
+    try:
+        yield
+    finally:
+        gate.off = before
+
+
+@contextmanager
+def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block row i of every batch uses set `names[i]` alone (None: no set, the bare backbone).
+
+    Each set runs once per site on its own rows (gathered, then added back at them). Gradients reach
+    the sets named in the batch, where their parameters require grad (`activate` a list to train
+    several). A batch whose size is not `len(names)` is an `InputError` at the first adapted site.
+    """
+    injection = _injection(model)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise InputError(f"per_sample needs a non-empty list of set names (one per row), got {names!r}")
+    if not all(n is None or isinstance(n, str) for n in names):
+        raise InputError("per_sample: every name must be a set name or None")
+    _check_names(injection, sorted({n for n in names if n is not None}))
+    gate = injection.gate
+    if gate.rows is not None:
+        raise InjectionError("per_sample blocks do not nest")
+    gate.set_rows(names)
+    try:
+        yield
+    finally:
+        gate.set_rows(None)
