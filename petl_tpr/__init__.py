@@ -9,7 +9,7 @@ from .interop.peft import export_peft
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .spec import MethodEntry, Spec, Where
 from .summary import summary
-from .switch import activate, active_sets, adapter_sets, disabled, per_sample
+from .switch import activate, active_sets, adapter_sets, disabled, per_sample, set_trainable
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,5 @@ __all__ = [
     "CheckpointError", "DiscoveryError", "InjectionError", "InputError", "MethodEntry", "PetlError", "Spec", "SpecError",
     "UnsupportedError", "Where",
     "activate", "active_sets", "adapter_sets", "adapter_state_dict", "aux_loss", "disabled", "per_sample", "discover", "eject", "export_peft", "from_pretrained", "inject", "load_adapters",
-    "merge", "save_adapters", "save_pretrained", "summary",
+    "merge", "save_adapters", "save_pretrained", "set_trainable", "summary",
 ]

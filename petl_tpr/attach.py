@@ -153,7 +153,7 @@ class SiteHook:
                 if not acts(adapter):
                     continue
                 if slot == "delta":
-                    index = row_index(adapter, x, dim, self.site)
+                    index = row_index(adapter, x, dim)
                     delta = adapter(x if index is None else x.index_select(dim, index))
                     if index is not None and rows is not None:
                         delta = delta.new_zeros(out.shape[:-1] + delta.shape[-1:]).index_add(dim, index, delta)
@@ -161,7 +161,7 @@ class SiteHook:
                     out = _add_rows(out, delta, rows) if index is None else add_at_rows(out, delta, index, dim)
                 else:
                     inp = (source if source is not None else x) if slot == "parallel" else out
-                    index = row_index(adapter, inp, dim, self.site)
+                    index = row_index(adapter, inp, dim)
                     out = add_at_rows(out, adapter(inp if index is None else inp.index_select(dim, index)), index, dim)
         if is_seq:
             return [out, *output[1:]] if isinstance(output, list) else (out, *output[1:])

@@ -269,8 +269,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
 
     `name` loads a one-set file under that set name (default: the name it was saved under,
     "default" for files that never named one). A set name the model already has is an error, except
-    for a one-set file loaded without `name` into a model whose set of that name it fits: its
-    tensors are then copied into that set (loading weights into a model injected by hand).
+    the default set when `name` is not given: a default-set file is then copied into the model's
+    default set, which it must fit (loading weights into a model injected by hand, as before sets).
     Everything is checked before anything is built or copied (docs/checkpoints.md); a refused file
     leaves the model as it was. `allow_non_finite` lets NaN/inf tensors through (a diverged run).
     """
@@ -286,7 +286,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
     _check_backbone(model, stored_backbone, path)
     injection = get_injection(model)
     existing = dict(injection.sets) if injection is not None else {}
-    into_existing = name is None and len(sets) == 1 and sets[0].name in existing
+    into_existing = name is None and len(sets) == 1 and sets[0].name == DEFAULT and DEFAULT in existing
     clash = [s.name for s in sets if s.name in existing]
     if clash and not into_existing:
         raise CheckpointError(f"{path}: the model already has adapter set(s) {', '.join(map(repr, clash))}; eject "

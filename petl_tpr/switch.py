@@ -62,6 +62,16 @@ def activate(model: nn.Module, names: str | Sequence[str]) -> None:
     _check_names(injection, names)
     _check_together(injection, names)
     injection.gate.active = tuple(n for n in injection.sets if n in names)
+    set_trainable(model, names)
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly the parameters of sets `names` require grad, whichever sets act (`activate` calls
+    it with the active sets; call it to train several sets at once under `per_sample`, including sets
+    that cannot act together)."""
+    injection = _injection(model)
+    names = _names(names)
+    _check_names(injection, names)
     for name in injection.sets:
         for param in adapter_parameters(model, name).values():
             param.requires_grad_(name in names)
@@ -84,8 +94,8 @@ def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Inside the block row i of every batch uses set `names[i]` alone (None: no set, the bare backbone).
 
     Each set runs once per site on its own rows (gathered, then added back at them). Gradients reach
-    the sets named in the batch, where their parameters require grad (`activate` a list to train
-    several). A batch whose size is not `len(names)` is an `InputError` at the first adapted site.
+    the sets named in the batch, where their parameters require grad (`set_trainable` to train
+    several: requires_grad must be set before the forward). A batch whose size is not `len(names)` is an `InputError` at the first adapted site.
     """
     injection = _injection(model)
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
