@@ -3,11 +3,13 @@
 A side attachment (`slot == "side"`) has
 - a forward pre-hook on the first block (its input is the embedding output H_0) and forward
   hooks on the selected blocks (their outputs H_1..H_n), each storing a detached tensor;
-- with `global_token == "eot"`, a pre-hook on the token embedding that keeps the token ids;
-- a forward hook on the branch's final norm (or its last block when it has none) that calls the
-  side module and adds its correction at the global token (CLS: position 0; EOT: argmax of the
-  ids, as CLIP pools its text feature), or to the whole output when the norm sees the pooled
-  `(B, D)` feature already (transformers' CLIP vision tower).
+- with `global_token` "eot" or "eos", a pre-hook on the token embedding that keeps the token ids;
+- a forward hook on the branch's final norm (or its last block when it has none, or the
+  attention-pooling head whose output is the pooled feature) that calls the side module and adds
+  its correction where the model pools (backbones/pooling.py: CLS at position 0; CLIP's EOT at
+  the largest id or the first end-of-text id; SigLIP text's last position; every position for a
+  mean-pooling model), or to the whole output when that module sees the pooled `(B, D)` feature
+  already (transformers' CLIP vision tower, a SigLIP pooling head, timm's `fc_norm`).
 Because the taps are detached and the backbone is frozen, autograd records nothing inside the
 backbone: training keeps no backbone activations for backward.
 """
@@ -32,8 +34,9 @@ class SideSite:
     taps: tuple[str, ...]          # blocks whose outputs are H_1..H_n
     owner: str                     # final norm (or last block) whose output gets the correction
     ids: str | None                # token embedding, when the global token is EOT
-    global_token: str              # "first" | "eot"
+    global_token: str              # where the model pools: backbones/pooling.py kinds
     batch_first: bool              # False for sequence-first (L, B, D) hidden states
+    eos_id: int | None = None      # global_token "eos": the token id pooled at
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -51,12 +54,19 @@ class SideState:
         self.hidden: list[torch.Tensor | None] = [None] * (taps + 1)
         self.ids: torch.Tensor | None = None
         self.handles: list[Any] = []
+        self.applied = False       # the correction was added in this forward (reset by the first block)
 
-    def take(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def take(self) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+        """The taps of this forward; None when the correction was added already in this forward and no
+        block ran since (the end module called again, as BLIP's vision tower calls its final norm on
+        the pooled token a second time)."""
+        if self.applied and all(h is None for h in self.hidden):
+            return None
         if any(h is None for h in self.hidden):
             raise InjectionError("the side network ran before every tapped block did")
         hidden, ids = self.hidden, self.ids
         self.hidden, self.ids = [None] * len(hidden), None
+        self.applied = True
         return hidden, ids
 
 
@@ -78,6 +88,8 @@ class Tap:
         if self.kind == "output":
             self.state.hidden[self.index] = _tensor(third).detach()
             return
+        if self.kind == "input":
+            self.state.applied = False
         value = args[0] if args else next(v for v in third.values() if isinstance(v, torch.Tensor))
         if self.kind == "ids":
             self.state.ids = value
@@ -90,10 +102,14 @@ class SideOutput:
 
     def __init__(self, adapter: nn.Module, state: SideState, site: SideSite) -> None:
         self.adapter, self.state, self.global_token, self.batch_first = adapter, state, site.global_token, site.batch_first
+        self.eos_id = site.eos_id
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         out = _tensor(output)
-        hidden, ids = self.state.take()          # taken even when its set is inert: one forward's taps
+        taken = self.state.take()          # taken even when its set is inert: one forward's taps
+        if taken is None:
+            return output
+        hidden, ids = taken
         if not acts(self.adapter):
             return output
         if not self.batch_first:
@@ -102,13 +118,21 @@ class SideOutput:
         b = out.shape[0]
         index = torch.zeros(b, dtype=torch.long, device=out.device)
         valid = None
-        if self.global_token == "eot":
+        if self.global_token in ("eot", "eos"):
             if ids is None:
                 raise InjectionError("the side network needs the token ids (EOT position), but the token embedding "
                                      "was not called in this forward")
-            index = ids.argmax(dim=-1)
+            index = ids.argmax(dim=-1) if self.global_token == "eot" else (ids == self.eos_id).int().argmax(dim=-1)
             valid = torch.arange(ids.shape[-1], device=ids.device)[None] <= index[:, None]
-        pooled = out if out.dim() == 2 else out[torch.arange(b, device=out.device), index]
+        elif self.global_token == "last" and out.dim() == 3:
+            index = torch.full((b,), out.shape[1] - 1, dtype=torch.long, device=out.device)
+        mean = self.global_token == "mean" and out.dim() == 3
+        if out.dim() == 2:
+            pooled = out
+        elif mean:
+            pooled = out.mean(dim=1)
+        else:
+            pooled = out[torch.arange(b, device=out.device), index]
         rows = row_index(self.adapter, pooled, 0, "a side network's output")
         if rows is None:
             correction = self.adapter(pooled.detach(), hidden, index, valid).to(out.dtype)
@@ -118,6 +142,9 @@ class SideOutput:
             correction = add_at_rows(pooled.new_zeros(b, part.shape[-1]), part, rows, 0)
         if out.dim() == 2:
             new = out + correction
+        elif mean:      # the model averages every position: the same correction at each moves the mean by it
+            new = out + correction[:, None, :]
+            new = new if self.batch_first else new.transpose(0, 1)
         else:
             place = torch.nn.functional.one_hot(index, out.shape[1]).to(out.dtype)
             new = out + place[:, :, None] * correction[:, None, :]
@@ -129,13 +156,13 @@ class SideOutput:
 
 def attach_side(model: nn.Module, adapter: nn.Module, site: SideSite) -> None:
     """Register the taps and the output hook of one side network (handles kept on the adapter)."""
-    if site.global_token == "eot" and site.ids is None:
+    if site.global_token in ("eot", "eos") and site.ids is None:
         raise InjectionError("this branch pools its feature at the EOT token, but no token embedding was found")
     state = SideState(len(site.taps))
     hooks = [model.get_submodule(site.first_block).register_forward_pre_hook(Tap(state, "input"), with_kwargs=True)]
     hooks += [model.get_submodule(path).register_forward_hook(Tap(state, "output", i))
               for i, path in enumerate(site.taps, start=1)]
-    if site.global_token == "eot":
+    if site.global_token in ("eot", "eos"):
         hooks.append(model.get_submodule(site.ids).register_forward_pre_hook(Tap(state, "ids"), with_kwargs=True))
     hooks.append(model.get_submodule(site.owner).register_forward_hook(SideOutput(adapter, state, site)))
     state.handles = hooks

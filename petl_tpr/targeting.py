@@ -36,24 +36,30 @@ def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: Metho
                         f"({', '.join(map(str, widths))}); a side network reads every tapped block at one width. Select "
                         f"the layers of one stage with where.layers")
     first = blocks[0]
-    owner = branch.final_norm or blocks[-1].path
+    family = FAMILIES[first.family]
+    pool = branch.pooling
+    kind = pool.kind if pool is not None else family.global_token(branch.name)
+    source = f" [{pool.source}]" if pool is not None else ""
+    if kind == "none":
+        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} ({first.family}) has no pooled "
+                        f"token (its model returns every position and leaves pooling to the user{source}), and a side "
+                        f"network adds its correction where the model pools")
+    if kind == "unsupported":
+        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r}: {pool.why}{source}; a side "
+                        f"network adds its correction where the model pools, and cannot here")
+    owner = pool.owner if kind == "head" else branch.final_norm or blocks[-1].path
     if len(blocks) == 1 and owner == first.path:
         raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} is one block with no final norm "
                         f"('{first.path}'); a model may call such a block several times per forward (ALBERT shares one "
                         f"layer's weights across all layer positions), and a side network would then add its correction "
                         f"after every call")
-    family = FAMILIES[first.family]
-    global_token = family.global_token(branch.name)
-    if global_token not in ("first", "eot"):
-        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} ({first.family}) has no pooled "
-                        f"token (its model returns every position and leaves pooling to the user), and a side network "
-                        f"adds its correction where the model pools")
     side = SideSite(first_block=first.path, taps=tuple(blocks[i].path for i in layers), owner=owner,
-                    ids=branch.token_embedding, global_token=global_token,
-                    batch_first=first.layout.batch_first(model.get_submodule(first.path)))
-    if global_token == "eot" and branch.token_embedding is None:
-        raise SpecError(f"entry {entry.name!r}: branch {branch.name!r} pools at the EOT token but no token embedding "
-                        f"feeds it")
+                    ids=branch.token_embedding, global_token=kind,
+                    batch_first=first.layout.batch_first(model.get_submodule(first.path)),
+                    eos_id=pool.eos_id if pool is not None else None)
+    if kind in ("eot", "eos") and branch.token_embedding is None:
+        raise SpecError(f"entry {entry.name!r}: branch {branch.name!r} pools at the end-of-text token but no token "
+                        f"embedding feeds it")
     home, container = home_of(model, owner, entry.name)
     att = Attachment(key=branch.path, entry=entry.name, method=entry.method, branch=branch.name, layer=layers[-1],
                      role="branch", slot="side", owner=owner, container=container, home=home, side=side)

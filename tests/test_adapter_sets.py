@@ -395,3 +395,38 @@ def test_deepcopy_gives_the_copy_its_own_switch():
     with torch.no_grad():
         pt.activate(model, "a")
         assert torch.equal(run(model), run(twin))
+
+
+def test_a_compiled_model_follows_every_switch():
+    """torch.compile guards on the set gate: a graph compiled under one set is never reused for another."""
+    model, _ = family_example("hf_vit")
+    pt.inject(model, "up-person", name="a")
+    pt.inject(model, "up-person", name="b")
+    perturb(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def states():
+        yield "a", lambda: pt.activate(model, "a")
+        yield "b", lambda: pt.activate(model, "b")
+        yield "off", lambda: pt.disabled(model)
+        yield "ab", lambda: pt.per_sample(model, ["a", "b"])
+        yield "a", lambda: pt.activate(model, "a")
+
+    def outputs(fn):
+        out = []
+        with torch.no_grad():
+            for _, switch in states():
+                context = switch()
+                if context is None:
+                    out.append(fn(pixel_values=x).last_hidden_state)
+                else:
+                    with context:
+                        out.append(fn(pixel_values=x).last_hidden_state)
+        return out
+
+    eager = outputs(model)
+    assert not torch.allclose(eager[0], eager[1]) and not torch.allclose(eager[3], eager[0])
+    torch._dynamo.reset()
+    compiled = outputs(torch.compile(model, backend="aot_eager"))
+    for (name, _), want, got in zip(states(), eager, compiled):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=name)

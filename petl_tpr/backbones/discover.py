@@ -9,7 +9,7 @@ branch is `text` (open_clip keeps `token_embedding` at the root); anything else 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import DiscoveryError
 from ..registry import FAMILIES
 from .ends import final_norm, token_embedding
+from .pooling import pooling
 from .structural import STRUCTURAL, infer_layout
 from .layout import PROJECTION_ROLES, Block, BlockLayout, Branch, Projection, ProjectionRef, is_linear, is_mha, is_norm, linear_dims
 
@@ -43,11 +44,12 @@ class Backbone:
         for b in self.branches.values():
             first = b.blocks[0]
             layout = first.layout
-            pooled = FAMILIES[first.family].global_token(b.name) if first.family in FAMILIES else "?"
+            pooled = b.pooling.describe() if b.pooling is not None else "?"
             widths = sorted({blk.dim for blk in b.blocks})
             lines.append(f"{b.name}: {len(b.blocks)} {b.family} blocks at '{b.path}', width "
                          f"{'/'.join(map(str, widths))}, final norm {b.final_norm or 'none'}, pooled token {pooled}"
-                         + (f", token embedding {b.token_embedding}" if b.token_embedding and pooled == "eot" else ""))
+                         + (f", token embedding {b.token_embedding}" if b.token_embedding and b.pooling is not None
+                            and b.pooling.kind in ("eot", "eos") else ""))
             roles = ", ".join(f"{r}={p.key[len(first.path) + 1:]}" for r, p in first.projections.items())
             lines.append(f"  block 0 '{first.path}': {roles}; norms {layout.norm1}, {layout.norm2} "
                          f"({'pre' if first.pre_norm else 'post'}-norm); attention takeover: "
@@ -247,9 +249,10 @@ def discover(model: nn.Module) -> Backbone:
             for i, (path, family, layout, dim, projections) in enumerate(rows)
         )
         families = {b.family for b in blocks}
-        branches[name] = Branch(name, group, blocks, "/".join(sorted(families)),
-                                final_norm=final_norm(model, group, roots),
-                                token_embedding=token_embedding(model, group, roots))
+        branch = Branch(name, group, blocks, "/".join(sorted(families)), final_norm=final_norm(model, group, roots),
+                        token_embedding=token_embedding(model, group, roots))
+        default = FAMILIES[blocks[0].family].global_token(name) if blocks[0].family in FAMILIES else "none"
+        branches[name] = replace(branch, pooling=pooling(model, branch, list(roots), default))
     return Backbone(branches)
 
 

@@ -19,6 +19,8 @@ structural, so any model built from the same pieces is recognised whatever its c
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -190,6 +192,7 @@ class Branch:
     family: str
     final_norm: str | None = None        # see backbones/ends.py
     token_embedding: str | None = None
+    pooling: Any = None                  # backbones/pooling.Pooling: where the branch pools its feature
 
     @property
     def dim(self) -> int:
