@@ -39,7 +39,7 @@ def test_report_names_roles_norms_pooling_and_takeover():
     model, _ = backbone_zoo.build("hf_clip")
     report = str(pt.discover(model))
     assert "text: 2 hf_clip blocks at 'text_model.encoder.layers'" in report
-    assert "pooled token eot" in report and "pooled token first" in report
+    assert "pooled token eos (the first position holding token id" in report and "pooled token first" in report
     assert "q=self_attn.q_proj" in report and "(pre-norm)" in report and "attention takeover: hf" in report
     bert, _ = backbone_zoo.build("hf_bert")
     assert "(post-norm)" in str(pt.discover(bert))

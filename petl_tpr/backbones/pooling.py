@@ -49,7 +49,7 @@ class Pooling:
             where = f"the output of '{self.owner}'"
         elif self.kind == "eos":
             where = f"the first position holding token id {self.eos_id}"
-        return f"{where} [{self.source}]"
+        return f"{self.kind} ({where}) [{self.source}]"
 
 
 def _query_head(module: nn.Module, path: str, stack: str, width: int) -> str | None:
