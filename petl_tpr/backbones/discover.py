@@ -99,7 +99,10 @@ def match_layout(block: nn.Module, layout: BlockLayout, prefix: str) -> tuple[in
     if attn is None or not layout.attn_check(attn):
         return None
     norms = [_get(block, layout.norm1), _get(block, layout.norm2)]
-    if not all(n is not None and is_norm(n) for n in norms):
+    if not all(n is not None and (is_norm(n) or isinstance(n, nn.Identity)) for n in norms):
+        return None
+    norms = [n for n in norms if is_norm(n)]     # one may be an nn.Identity in its place (ModernBERT's layer 0)
+    if not norms:
         return None
     for path in (layout.attn_in, layout.attn_out, layout.mlp_in, layout.mlp_out):
         if _get(block, path) is None:

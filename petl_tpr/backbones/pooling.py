@@ -44,7 +44,7 @@ class Pooling:
 
     def describe(self) -> str:
         where = {"first": "position 0", "eot": "the largest token id", "last": "the last position",
-                 "mean": "the mean of every position", "none": "none (left to the user)"}.get(self.kind, self.kind)
+                 "mean": "the mean of every position", "none": "left to the user"}.get(self.kind, self.kind)
         if self.kind == "head":
             where = f"the output of '{self.owner}'"
         elif self.kind == "eos":

@@ -2,12 +2,14 @@
 
 For a module that is one element of a ModuleList or Sequential, `infer_layout` looks for:
 - the width d: every norm of the block's residual stream (LayerNorm, RMSNorm or a `*Norm` class
-  with a 1-d weight of size d); exactly two of them;
+  with a 1-d weight of size d); exactly two of them, one of which may be an `nn.Identity` named
+  like a norm (ModernBERT's first layer has no attention norm);
 - the attention: three Linears reading d (q, k, v; k and v may be narrower, as with grouped-query
   heads) or one fused Linear d -> 3d (rows q|k|v); GPT-2's `Conv1D` counts as a Linear, told apart by their names (`q`, `query`,
   `q_proj`, `to_q`, `wq`, ... and `qkv`, `c_attn`, `Wqkv`, ...), and an output Linear back to d;
 - the MLP: the remaining Linears, `fc1` d -> m and `fc2` m -> d, or a gated MLP with two d -> m
-  (the one named `gate`/`w1`... is the gate, which gets no role) and m -> d;
+  (the one named `gate`/`w1`... is the gate, which gets no role) and m -> d, or one d -> 2m whose
+  output is split into input and gate (ModernBERT's `Wi`) and m -> d;
 - where each branch enters and leaves: the smallest module holding the attention's projections
   (its output is the branch output when it holds the output projection too), likewise for the MLP,
   or the projections themselves when the block calls them directly;
@@ -97,6 +99,8 @@ def _mlp(linears: list[tuple[str, int, int]], d: int, taken: set[str]) -> dict[s
     width = ups[0][2]
     downs = [n for n, i, o in rest if i == width and o == d]
     ups = [x for x in ups if x[2] == width]
+    if not downs and len(ups) == 1 and width % 2 == 0:   # one d -> 2m Linear split into input and gate (GeGLU)
+        downs = [n for n, i, o in rest if i == width // 2 and o == d]
     if len(downs) != 1 or len(ups) not in (1, 2):
         return None
     if len(ups) == 2:
@@ -155,8 +159,12 @@ def infer_layout(block: nn.Module) -> BlockLayout | None:
     if not norms or len(widths) > 2:
         return None
     linears = _linears(block)
+    # a norm left out of one layer as nn.Identity (ModernBERT's first attention norm) still marks its place
+    placeholders = [n for n, m in block.named_modules() if n and isinstance(m, nn.Identity) and "norm" in n.lower()]
     for d in sorted(widths, reverse=True):
         stream = [n for n, m in norms if int(m.weight.shape[0]) == d]
+        if len(stream) == 1 and len(placeholders) == 1:
+            stream = [n for n, _ in block.named_modules() if n in stream or n in placeholders]
         if len(stream) != 2:
             continue
         attn = _attention(linears, d)
