@@ -264,13 +264,14 @@ def _split_keys(shapes: dict[str, tuple[int, ...]], sets: list[StoredSet], path:
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
-                  allow_non_finite: bool = False) -> nn.Module:
+                  overwrite: bool = False, allow_non_finite: bool = False) -> nn.Module:
     """Load an adapter file into `model`: each set it holds is injected from its stored spec and filled.
 
     `name` loads a one-set file under that set name (default: the name it was saved under,
     "default" for files that never named one). A set name the model already has is an error, except
     the default set when `name` is not given: a default-set file is then copied into the model's
     default set, which it must fit (loading weights into a model injected by hand, as before sets).
+    `overwrite` fills every set the model already has from the file instead (resuming a run).
     Everything is checked before anything is built or copied (docs/checkpoints.md); a refused file
     leaves the model as it was. `allow_non_finite` lets NaN/inf tensors through (a diverged run).
     """
@@ -286,27 +287,30 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
     _check_backbone(model, stored_backbone, path)
     injection = get_injection(model)
     existing = dict(injection.sets) if injection is not None else {}
-    into_existing = name is None and len(sets) == 1 and sets[0].name == DEFAULT and DEFAULT in existing
-    clash = [s.name for s in sets if s.name in existing]
-    if clash and not into_existing:
+    legacy = name is None and len(sets) == 1 and sets[0].name == DEFAULT   # a default-set file, as before sets
+    fill = [s.name in existing and (overwrite or legacy) for s in sets]    # copied into a set already there
+    clash = [s.name for s, f in zip(sets, fill) if s.name in existing and not f]
+    if clash:
         raise CheckpointError(f"{path}: the model already has adapter set(s) {', '.join(map(repr, clash))}; eject "
-                              f"them first, or load a one-set file under another name (name=...)")
+                              f"them first, load a one-set file under another name (name=...), or pass "
+                              f"overwrite=True to fill them from the file")
     per_set = _split_keys(header.shapes, sets, path)
-    if into_existing:
-        live_shapes = {k: tuple(p.shape) for k, p in adapter_parameters(model, sets[0].name).items()}
-        _check_shapes(per_set[0], live_shapes, path, "in the model")
-    else:
-        backbone = discover(model)
-        attachments = list(injection.attachments) if injection is not None else []
-        for stored, file_shapes in zip(sets, per_set):
-            try:   # the stored spec's sites and parameter shapes on this model: planned, not built
-                planned = plan(model, stored.spec, backbone, attachments, fits=False, set_name=stored.name)
-            except SpecError as error:
-                raise CheckpointError(f"{path}: the stored spec of set {stored.name!r} does not apply to this model: "
-                                      f"{error}") from None
-            attachments += [site.attachment for site in planned]
-            _check_shapes(file_shapes, planned_shapes(planned, local=True), path,
-                          "as the stored spec implies for this model")
+    backbone = None
+    attachments = list(injection.attachments) if injection is not None else []
+    for stored, file_shapes, into in zip(sets, per_set, fill):
+        if into:
+            live_shapes = {k: tuple(p.shape) for k, p in adapter_parameters(model, stored.name).items()}
+            _check_shapes(file_shapes, live_shapes, path, f"in the model's set {stored.name!r}")
+            continue
+        backbone = backbone or discover(model)
+        try:   # the stored spec's sites and parameter shapes on this model: planned, not built
+            planned = plan(model, stored.spec, backbone, attachments, fits=False, set_name=stored.name)
+        except SpecError as error:
+            raise CheckpointError(f"{path}: the stored spec of set {stored.name!r} does not apply to this model: "
+                                  f"{error}") from None
+        attachments += [site.attachment for site in planned]
+        _check_shapes(file_shapes, planned_shapes(planned, local=True), path,
+                      "as the stored spec implies for this model")
     _check_dtypes(header.dtypes, path)
     tensors = _read_tensors(path, sorted(header.shapes))   # now bounded by the expected sizes
     _check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, header.shapes, path,
@@ -315,8 +319,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
         _check_finite(tensors, path)
     done: list[str] = []
     try:
-        for stored in sets:
-            if not into_existing:
+        for stored, into in zip(sets, fill):
+            if not into:
                 try:
                     inject(model, stored.spec, name=stored.name)
                 except SpecError as error:

@@ -430,3 +430,22 @@ def test_a_compiled_model_follows_every_switch():
     compiled = outputs(torch.compile(model, backend="aot_eager"))
     for (name, _), want, got in zip(states(), eager, compiled):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_overwrite_fills_existing_sets_and_a_checkpoint_folder_resumes_named_sets(tmp_path):
+    from petl_tpr.integrations.checkpoint import load_adapter_folder, save_adapter_folder
+
+    model, run, _ = _lora_clip()
+    pt.inject(model, "lora", name="cuhk")
+    pt.inject(model, "up-person", name="icfg")
+    perturb(model)
+    saved = {k: p.detach().clone() for k, p in pt.api.adapter_parameters(model).items()}
+    path = pt.save_adapters(model, tmp_path / "both.safetensors")
+    save_adapter_folder(model, tmp_path / "ckpt")
+    perturb(model, seed=5)                       # training went on
+    pt.load_adapters(model, path, overwrite=True)
+    assert all(torch.equal(p, saved[k]) for k, p in pt.api.adapter_parameters(model).items())
+    perturb(model, seed=6)
+    load_adapter_folder(model, tmp_path / "ckpt")
+    assert all(torch.equal(p, saved[k]) for k, p in pt.api.adapter_parameters(model).items())
+    assert pt.adapter_sets(model) == ["cuhk", "icfg"]

@@ -135,7 +135,7 @@ def load_adapter_folder(model: nn.Module, folder: str | os.PathLike, *, trainabl
     if trainables and manifest.get("trainable"):
         extra = _read_trainables(folder / manifest["trainable"], model)
     for path, module in targets.items():
-        load_adapters(module, folder / manifest["adapters"][path])
+        load_adapters(module, folder / manifest["adapters"][path], overwrite=True)
     if extra is not None:
         tensors, params = extra
         with torch.no_grad():
