@@ -341,5 +341,5 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
     if active:
         from .switch import activate
 
-        activate(model, active + [n for n in get_injection(model).gate.active if n not in done])
+        activate(model, active)      # the file's active sets, as they were when it was saved
     return model
