@@ -15,7 +15,7 @@ from .registry import METHODS
 from .nested import renest, unnest
 from .probe import check_planned
 from .runcheck import arm, forget
-from .sets import DEFAULT, SetGate, acts, check_set_name, tag
+from .sets import DEFAULT, SetGate, check_set_name, tag
 from .spec import Spec
 from .targeting import plan
 
@@ -249,7 +249,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     total = None
     for att in injection.attachments if injection else []:
         module = adapter_module(model, att)
-        if hasattr(module, "aux_loss") and acts(module):
+        if hasattr(module, "aux_loss"):          # an inert set's router kept no loss (attach.SiteHook)
             term = module.aux_loss()
             total = term if total is None else total + term
     if total is None:

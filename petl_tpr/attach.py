@@ -151,6 +151,8 @@ class SiteHook:
                     continue
                 source = tap.take() if tap is not None else None     # taken even when inert: one forward's input
                 if not acts(adapter):
+                    if hasattr(adapter, "_aux"):      # an inert router has no loss in this forward
+                        adapter._aux = None
                     continue
                 if slot == "delta":
                     index = row_index(adapter, x, dim)

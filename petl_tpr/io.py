@@ -338,7 +338,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, name: str | None
         for set_name in reversed(done):
             eject(model, set_name)
         raise
-    if active:
+    if active is not None:
         from .switch import activate
 
         activate(model, active)      # the file's active sets, as they were when it was saved

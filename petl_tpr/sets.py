@@ -86,6 +86,12 @@ def acts(adapter: nn.Module) -> bool:
     return True if gate is None else gate.acts(adapter.__dict__[SET_ATTR])
 
 
+def per_sample_rows(adapter: nn.Module) -> bool:
+    """Whether a per_sample block is open on the adapter's model."""
+    gate: SetGate | None = adapter.__dict__.get(GATE_ATTR)
+    return gate is not None and gate.rows is not None
+
+
 def row_index(adapter: nn.Module, x: torch.Tensor, dim: int, where: str = "") -> torch.Tensor | None:
     """Rows of `x` (along `dim`) that the adapter's set owns under `per_sample`; None outside it."""
     gate: SetGate | None = adapter.__dict__.get(GATE_ATTR)

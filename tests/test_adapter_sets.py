@@ -449,3 +449,44 @@ def test_overwrite_fills_existing_sets_and_a_checkpoint_folder_resumes_named_set
     load_adapter_folder(model, tmp_path / "ckpt")
     assert all(torch.equal(p, saved[k]) for k, p in pt.api.adapter_parameters(model).items())
     assert pt.adapter_sets(model) == ["cuhk", "icfg"]
+
+
+def test_aux_loss_is_the_last_forwards_own():
+    model, run, _ = _lora_clip()
+    pt.inject(model, "dm-adapter", name="a")
+    pt.inject(model, "dm-adapter", name="b")
+    perturb(model)
+    pt.activate(model, "a")
+    run(model)
+    with pt.per_sample(model, ["b", "b"]):
+        run(model)
+    only_b = pt.aux_loss(model)
+    pt.activate(model, "b")
+    run(model)
+    torch.testing.assert_close(only_b, pt.aux_loss(model))      # a's loss from two forwards ago is not in it
+    with pt.disabled(model):
+        run(model)
+    assert float(pt.aux_loss(model).detach()) == 0.0
+
+
+def test_a_convention_that_hides_its_batch_from_the_prefixes_is_an_error_under_per_sample():
+    from petl_tpr.attention import state_of
+
+    model, run, _ = _lora_clip()
+    pt.inject(model, "prefix", name="a")
+    pt.inject(model, "prefix", name="b")
+    state = state_of(model.vision_model.encoder.layers[0].self_attn)
+    assert len(state.prefix_tensors()) == 1          # outside per_sample: the active set's prefix
+    with pt.per_sample(model, ["a", "b"]), pytest.raises(pt.InjectionError, match="prefix_tensors"):
+        state.prefix_tensors()
+
+
+def test_a_file_saved_with_no_active_set_loads_with_none_active(tmp_path):
+    model, run, bare = _lora_clip()
+    pt.inject(model, "lora", name="a")
+    pt.inject(model, "lora", name="b")
+    pt.activate(model, [])
+    path = pt.save_adapters(model, tmp_path / "ab.safetensors")
+    fresh, _ = family_example("hf_clip")
+    pt.load_adapters(fresh, path)
+    assert pt.active_sets(fresh) == [] and not any(p.requires_grad for p in fresh.parameters())

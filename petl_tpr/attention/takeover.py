@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import InjectionError
-from ..sets import acts, add_at_rows, row_index
+from ..sets import acts, add_at_rows, per_sample_rows, row_index
 
 STATE_ATTR = "_petl_takeover"
 _CLASSES: dict[type, type] = {}
@@ -106,6 +106,9 @@ class TakeoverState:
         for prefix in self.prefixes:
             if not acts(prefix):
                 continue
+            if batch is None and per_sample_rows(prefix):
+                raise InjectionError("under per_sample a takeover convention must pass its query to "
+                                     "prefix_tensors(q), so each row sees its own set's prefix")
             key, value = prefix()
             index = None if batch is None else row_index(prefix, batch, 0, "a taken-over attention")
             out.append((key, value) if index is None else (key, value, index))

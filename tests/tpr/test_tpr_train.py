@@ -25,7 +25,7 @@ LORA = pt.Spec.from_dict({"entries": [{"method": "lora", "config": {"rank": 4, "
                                        "where": {"branches": ["vision", "text"]}}]})
 
 
-def tiny_model(seed: int = 0) -> tpr.DualEncoder:
+def tiny_model(seed: int = 0, name: str = "default") -> tpr.DualEncoder:
     config = CLIPConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=16),
@@ -35,7 +35,7 @@ def tiny_model(seed: int = 0) -> tpr.DualEncoder:
         projection_dim=16)
     torch.manual_seed(seed)
     model = tpr.build_clip(config, image_size=(64, 32))
-    pt.inject(model.clip, LORA)
+    pt.inject(model.clip, LORA, name=name)
     return model
 
 
@@ -320,3 +320,13 @@ def test_whole_model_training_checkpoints_and_resumes(data, tokenizer, tmp_path)
         run(tiny_model(), data, tokenizer, tmp_path / "d", trainable="all")
     with pytest.raises(tpr.TaskInputError, match="trainable"):
         TrainConfig(out_dir=tmp_path, trainable="some")
+
+
+def test_resume_of_a_named_adapter_set(data, tokenizer, tmp_path):
+    """A run whose adapters are a named set (not "default") resumes into the same set of a fresh model."""
+    full = run(tiny_model(name="indoor"), data, tokenizer, tmp_path / "a", epochs=2)
+    run(tiny_model(name="indoor"), data, tokenizer, tmp_path / "b", epochs=2, stop_after=1)
+    resumed_model = tiny_model(name="indoor")
+    resumed = run(resumed_model, data, tokenizer, tmp_path / "b", epochs=2, resume=True)
+    assert pt.adapter_sets(resumed_model.clip) == ["indoor"]
+    assert strip_times(resumed) == strip_times(full)

@@ -80,7 +80,7 @@ def load_weights(clip: torch.nn.Module, path: Path, *, full: bool) -> None:
     import petl_tpr as pt
 
     if not full:
-        pt.load_adapters(clip, path)
+        pt.load_adapters(clip, path, overwrite=True)   # resume: the run's sets are injected already
         return
     from safetensors import safe_open
     from safetensors.torch import load_model
