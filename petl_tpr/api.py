@@ -44,6 +44,11 @@ class Injection:
     fingerprint: dict[str, dict[str, object]]
     sets: dict[str, AdapterSet] = field(default_factory=dict)
     gate: SetGate = field(default_factory=SetGate)
+    set_params: dict[str, tuple] = field(default_factory=dict, repr=False)   # switch.py's per-set cache
+
+    def changed(self) -> None:
+        """Attachments changed (inject, eject, merge): drop the per-set parameter lists."""
+        self.set_params.clear()
 
     def _only(self) -> AdapterSet:
         if len(self.sets) != 1:
@@ -152,6 +157,7 @@ def inject(model: nn.Module, spec: Spec | str, *, name: str = DEFAULT, freeze: b
     else:
         injection = prior
         injection.attachments = prior.attachments + done
+    injection.changed()
     adapter_set = injection.sets.get(name)
     if adapter_set is None:
         injection.sets[name] = AdapterSet(name, spec)
@@ -201,6 +207,7 @@ def eject(model: nn.Module, name: str | None = None) -> None:
             for att in reversed(gone):
                 detach(model, att)
             injection.attachments = [a for a in injection.attachments if a.set != name]
+            injection.changed()
             del injection.sets[name]
             injection.gate.active = tuple(n for n in injection.gate.active if n != name)
             return
@@ -234,6 +241,7 @@ def merge(model: nn.Module, name: str | None = None) -> list[str]:
     for att in merged:
         fold(model, att)
     injection.attachments = [a for a in injection.attachments if a not in merged]
+    injection.changed()
     adapter_set = injection.sets[name]
     if adapter_set.spec is None:      # everything was merged by an earlier call
         return []

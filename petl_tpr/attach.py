@@ -30,7 +30,7 @@ from torch import nn
 from .attention import CONVENTIONS, release, state_of, take_over
 from .backbones.layout import is_conv1d
 from .errors import InjectionError, PetlError
-from .sets import DEFAULT, acts, add_at_rows, row_index
+from .sets import DEFAULT, acts, row_index
 from .side import SideSite, attach_side, detach_side
 
 SLOTS = ("delta", "parallel", "post")        # applied by SiteHook, in this order; "kv" by the takeover
@@ -102,6 +102,14 @@ def _add_rows(out: torch.Tensor, delta: torch.Tensor, rows: tuple[int, int] | No
     return torch.cat([out[..., :a], out[..., a:b] + delta, out[..., b:]], dim=-1)
 
 
+def _add_rows_in_place(out: torch.Tensor, value: torch.Tensor, index: torch.Tensor, dim: int,
+                       owned: bool) -> torch.Tensor:
+    """`value` added at rows `index` (along `dim`) of `out`: in place once `out` is a tensor made by the
+    hook (one copy per site, not one per set; per_sample), else into a copy."""
+    out = out if owned else out.clone()
+    return out.index_add_(dim, index, value.to(out.dtype))
+
+
 class InputTap:
     """Forward pre-hook that keeps the latest input of a module for one parallel adapter."""
 
@@ -145,6 +153,7 @@ class SiteHook:
         if not isinstance(out, torch.Tensor):
             raise InjectionError(f"{type(module).__name__} returned {type(out).__name__}, not a tensor")
         x = _first_input(args, kwargs)
+        owned = False        # `out` is a tensor made here, so per-set rows may be added into it in place
         for slot in SLOTS:
             for item_slot, adapter, rows, tap, dim in self.items:
                 if item_slot != slot:
@@ -160,11 +169,18 @@ class SiteHook:
                     if index is not None and rows is not None:
                         delta = delta.new_zeros(out.shape[:-1] + delta.shape[-1:]).index_add(dim, index, delta)
                         index = None
-                    out = _add_rows(out, delta, rows) if index is None else add_at_rows(out, delta, index, dim)
+                    if index is None:
+                        out, owned = _add_rows(out, delta, rows), True
+                    else:
+                        out, owned = _add_rows_in_place(out, delta, index, dim, owned), True
                 else:
                     inp = (source if source is not None else x) if slot == "parallel" else out
                     index = row_index(adapter, inp, dim)
-                    out = add_at_rows(out, adapter(inp if index is None else inp.index_select(dim, index)), index, dim)
+                    value = adapter(inp if index is None else inp.index_select(dim, index))
+                    if index is None:
+                        out, owned = out + value, True
+                    else:
+                        out, owned = _add_rows_in_place(out, value, index, dim, owned), True
         if is_seq:
             return [out, *output[1:]] if isinstance(output, list) else (out, *output[1:])
         return out

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .api import Injection, _check_names, _injection, adapter_parameters
+from .attach import adapter_module
 from .errors import InjectionError, InputError
 
 
@@ -73,8 +74,25 @@ def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
     names = _names(names)
     _check_names(injection, names)
     for name in injection.sets:
-        for param in adapter_parameters(model, name).values():
-            param.requires_grad_(name in names)
+        want = name in names
+        for param in _params(model, injection, name):
+            if param.requires_grad != want:
+                param.requires_grad_(want)
+
+
+def _params(model: nn.Module, injection: Injection, name: str) -> list[nn.Parameter]:
+    """Set `name`'s parameters, cached on the injection until its attachments change (a switch walks
+    no module tree: microseconds, not milliseconds, on a ViT-B/16 with eight sets)."""
+    cached = injection.set_params.get(name)
+    if cached is not None:      # still the live modules? (one lookup: a model whose modules were swapped rebuilds)
+        att, module, params = cached
+        if att is None or adapter_module(model, att) is module:
+            return params
+    atts = injection.of_set(name)
+    first = atts[0] if atts else None
+    params = list(adapter_parameters(model, name).values())
+    injection.set_params[name] = (first, adapter_module(model, first) if first else None, params)
+    return params
 
 
 @contextmanager

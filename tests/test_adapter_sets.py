@@ -490,3 +490,16 @@ def test_a_file_saved_with_no_active_set_loads_with_none_active(tmp_path):
     fresh, _ = family_example("hf_clip")
     pt.load_adapters(fresh, path)
     assert pt.active_sets(fresh) == [] and not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_switching_follows_sets_injected_or_ejected_after_a_switch():
+    model, run, _ = _lora_clip()
+    pt.inject(model, "lora", name="a")
+    pt.inject(model, "lora", name="b")
+    pt.activate(model, "a")                       # fills the per-set parameter cache
+    pt.eject(model, name="b")
+    pt.inject(model, "up-person", name="b")       # new modules under the old name
+    pt.activate(model, "a")
+    pt.activate(model, "b")
+    assert all(p.requires_grad for p in pt.api.adapter_parameters(model, "b").values())
+    assert not any(p.requires_grad for p in pt.api.adapter_parameters(model, "a").values())
