@@ -135,7 +135,7 @@ def inject(model: nn.Module, spec: Spec | str, *, name: str = DEFAULT, freeze: b
     prior = get_injection(model)
     backbone = discover(model)
     planned = plan(model, spec, backbone, prior.attachments if prior else [], set_name=name)
-    check_planned(model, backbone, planned)
+    planned = check_planned(model, backbone, planned)     # bypassed projections' deltas move to their weight
     # taken before attaching, so adapter parameters are not in it
     requires = {n: p.requires_grad for n, p in model.named_parameters()} if prior is None else {}
     gate = prior.gate if prior is not None else SetGate()

@@ -32,6 +32,7 @@ from .backbones.layout import is_conv1d
 from .errors import InjectionError, PetlError
 from .sets import DEFAULT, acts, row_index
 from .side import SideSite, attach_side, detach_side
+from .weight_site import attach_weight, detach_weight
 
 SLOTS = ("delta", "parallel", "post")        # applied by SiteHook, in this order; "kv" by the takeover
 
@@ -46,7 +47,7 @@ class Attachment:
     branch: str
     layer: int
     role: str
-    slot: str                      # "delta" | "parallel" | "post" | "kv"
+    slot: str                      # "delta" | "parallel" | "post" | "kv" | "side" | "weight" (weight_site.py)
     owner: str                     # path of the hooked module or of the parameter owner
     container: str                 # attribute of `home` holding the adapter
     home: str = ""                 # module the adapter is registered on (see `home_of`)
@@ -204,6 +205,10 @@ def attach(model: nn.Module, att: Attachment, adapter: nn.Module) -> None:
         attach_side(model, adapter, att.side)
         home.add_module(att.container, adapter)
         return
+    if att.slot == "weight":      # the parent reads the projection's weight itself (weight_site.py)
+        home.add_module(att.container, adapter)
+        attach_weight(model.get_submodule(att.owner), "weight", adapter, att.rows)
+        return
     owner = model.get_submodule(att.owner)
     hook = _site_hook(owner)
     if hook is None:
@@ -227,6 +232,8 @@ def detach(model: nn.Module, att: Attachment) -> None:
     adapter = adapter_module(model, att)
     if att.side is not None:
         detach_side(adapter)
+    elif att.slot == "weight":
+        detach_weight(model.get_submodule(att.owner), "weight", adapter)
     elif att.attention is not None:
         attention = model.get_submodule(att.attention)
         state = state_of(attention)
@@ -249,7 +256,8 @@ def fold(model: nn.Module, att: Attachment) -> None:
     """Add a delta's weight into the base weight at its rows, then detach it."""
     adapter = adapter_module(model, att)
     owner = model.get_submodule(att.owner)
-    weight = getattr(owner, att.param or "weight")
+    name = att.param or "weight"
+    weight = owner._parameters[name] if name in owner._parameters else getattr(owner, name)   # the Parameter itself
     delta = adapter.delta_weight().to(weight.dtype)            # (out, in)
     if att.param is None and is_conv1d(owner):                  # Conv1D stores its weight (in, out)
         target = weight if att.rows is None else weight[:, att.rows[0]:att.rows[1]]

@@ -19,13 +19,17 @@ Probes run in eval mode under no_grad on a seeded input and leave the module as 
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .attention import CONVENTIONS, is_taken_over as _taken, release, take_over
+from .backbones.layout import is_conv1d
 from .errors import UnsupportedError
+from .registry import METHODS
+from .weight_site import reads_attribute
 
 ATOL = 1e-5
 
@@ -128,11 +132,13 @@ class _Called:
 
 @torch.no_grad()
 def check_attention(model: nn.Module, path: str, convention: str | None, width: int, hooked: list[str],
-                    takeover: bool) -> None:
+                    takeover: bool, weightable: frozenset[str] = frozenset()) -> set[str]:
     """Probe the attention at `path`; raise UnsupportedError naming what the takeover or a hook would miss.
 
     `hooked` are module paths (inside the attention) that will get forward hooks; `takeover` says
-    whether the spec needs the attention taken over.
+    whether the spec needs the attention taken over. Returns the hooked modules the attention does
+    not call but whose `weight` it reads, when all their sites are in `weightable` (mergeable
+    deltas): those are attached at the weight instead (weight_site.py).
     """
     module = model.get_submodule(path)
     was_training = module.training
@@ -159,15 +165,18 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
                         f"{', '.join(missing)}; prefixes or raw-weight deltas there would change the model. Target roles "
                         f"that need no takeover (LoRA on Linear projections, adapters), or add a convention "
                         f"(docs/adding.md)")
-            return
+            return set()
         bypassed = [owner for owner, c in counters.items() if c.count == 0]
+        at_weight = {b for b in bypassed if b in weightable and not is_conv1d(model.get_submodule(b))
+                     and reads_attribute(model, b, "weight", lambda: _call_alone(module, convention or "", x))}
+        bypassed = [b for b in bypassed if b not in at_weight]
         if bypassed and not takeover:
             raise UnsupportedError(
                 f"attention {who} does not call {', '.join(repr(b) for b in bypassed)} in its forward (it reads the "
                 f"weight directly), so an adapter hooked there would never run. Parts of the module the convention "
                 f"does not read: {', '.join(unknown_parts(module, convention or '')) or 'none'}")
         if not takeover or convention is None or _taken(module):   # a taken-over module was probed when taken
-            return
+            return at_weight
         take_over(module, CONVENTIONS[convention])
         try:
             try:
@@ -186,12 +195,24 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
                 f"Parts the takeover does not read: {', '.join(parts) or 'none (the forward itself differs)'}. "
                 f"Target roles that need no takeover (LoRA on Linear projections, adapters), or add a convention "
                 f"(docs/adding.md)")
+        return at_weight
     finally:
         module.train(was_training)
 
 
-def check_planned(model: nn.Module, backbone, planned: list) -> None:
-    """Probe every attention the planned sites touch (takeover or hooked projections inside it)."""
+def check_planned(model: nn.Module, backbone, planned: list) -> list:
+    """Probe every attention the planned sites touch (takeover or hooked projections inside it).
+
+    Returns `planned` with the delta sites whose projection the attention bypasses but whose weight
+    it reads turned into weight sites (slot "weight", weight_site.py); raises for any other bypass.
+    """
+    weightable: dict[str, bool] = {}
+    for site in planned:
+        att = site.attachment
+        if att.side is None and att.attention is None:
+            ok = att.slot == "delta" and att.param is None and METHODS[att.method].mergeable and not getattr(
+                site.entry.config, "dropout", 0.0)
+            weightable[att.owner] = weightable.get(att.owner, True) and ok
     todo: dict[str, dict] = {}
     for site in planned:
         att = site.attachment
@@ -205,6 +226,11 @@ def check_planned(model: nn.Module, backbone, planned: list) -> None:
             item["takeover"] = True
         elif att.owner.startswith(path + "."):
             item["hooked"].add(att.owner)
+    at_weight: set[str] = set()
     for path, item in todo.items():
         if item["takeover"] or item["hooked"]:
-            check_attention(model, path, item["convention"], item["width"], sorted(item["hooked"]), item["takeover"])
+            at_weight |= check_attention(model, path, item["convention"], item["width"], sorted(item["hooked"]),
+                                         item["takeover"], frozenset(o for o, ok in weightable.items() if ok))
+    return [replace(site, attachment=replace(site.attachment, slot="weight"))
+            if site.attachment.owner in at_weight and site.attachment.attention is None and site.attachment.side is None
+            else site for site in planned]

@@ -120,7 +120,14 @@ def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
         raise InputError(f"per_sample needs a non-empty list of set names (one per row), got {names!r}")
     if not all(n is None or isinstance(n, str) for n in names):
         raise InputError("per_sample: every name must be a set name or None")
-    _check_names(injection, sorted({n for n in names if n is not None}))
+    present = sorted({n for n in names if n is not None})
+    _check_names(injection, present)
+    at_weight = [att for att in injection.attachments if att.slot == "weight" and att.set in present]
+    if at_weight:
+        att = at_weight[0]
+        raise InjectionError(f"set {att.set!r} has {len(at_weight)} delta(s) attached at a weight its parent reads "
+                             f"directly ({att.owner}.weight, {att.method}): a weight is one for the whole batch, so "
+                             f"per_sample cannot give its rows different sets; run such a set alone (activate)")
     gate = injection.gate
     if gate.rows is not None:
         raise InjectionError("per_sample blocks do not nest")

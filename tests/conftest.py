@@ -69,3 +69,5 @@ def assert_no_petl_traces(model: torch.nn.Module) -> None:
         assert not hasattr(module, "parametrizations"), f"parametrization left on {name}"
         assert not is_taken_over(module) and not hasattr(type(module), "_petl_original_class"), \
             f"attention takeover left on {name}"
+        assert not hasattr(type(module), "_petl_weight_original") and "_petl_weight_deltas" not in module.__dict__, \
+            f"weight delta left on {name}"
