@@ -136,3 +136,21 @@ def test_export_refuses_other_methods_unless_ignored(clip, tmp_path):
             tensor.zero_()  # so outputs equal those of the LoRA part alone
     loaded = export_and_load(model, base, tmp_path, ignore_other_methods=True)
     torch.testing.assert_close(run(loaded), run(model), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_export_one_named_set_of_several(clip, tmp_path):
+    """PEFT's LoRA of set b gives what the model gives with set b active; without a name it is refused."""
+    base, run = clip
+    model = copy.deepcopy(base)
+    pt.inject(model, pt.Spec([lora_entry()]), name="a")
+    pt.inject(model, pt.Spec([lora_entry(rank=2)]), name="b")
+    perturb(model)
+    pt.activate(model, "b")
+    expected = run(model)
+    with pytest.raises(InjectionError, match="name="):
+        export_peft(model, tmp_path / "x")
+    loaded = export_and_load(model, base, tmp_path / "b", name="b")
+    torch.testing.assert_close(run(loaded), expected, atol=ATOL, rtol=0)
+    pt.activate(model, "a")
+    assert not torch.allclose(run(model), expected, atol=1e-3)

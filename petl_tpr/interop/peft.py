@@ -49,16 +49,24 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _collect(model: nn.Module, ignore_other_methods: bool) -> list[_Site]:
+def _collect(model: nn.Module, ignore_other_methods: bool, name: str | None = None) -> list[_Site]:
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"this {type(model).__name__} has no adapters to export (call inject first)")
-    if injection.merged_entries:
-        raise InjectionError(f"entries {injection.merged_entries} were merged into the base weights; PEFT would load "
+    if name is None:
+        if len(injection.sets) > 1:
+            raise InjectionError(f"this model carries {len(injection.sets)} adapter sets ({', '.join(injection.sets)}); "
+                                 f"a PEFT adapter directory holds one: export_peft(model, directory, name=...)")
+        name = next(iter(injection.sets))
+    if name not in injection.sets:
+        raise InjectionError(f"no adapter set named {name!r}; sets: {', '.join(injection.sets)}")
+    adapter_set = injection.sets[name]
+    if adapter_set.merged_entries:
+        raise InjectionError(f"entries {adapter_set.merged_entries} were merged into the base weights; PEFT would load "
                              f"them onto an unmerged base, so export before merging")
-    configs = {entry.name: entry.config for entry in injection.spec.entries}
+    configs = {entry.name: entry.config for entry in adapter_set.spec.entries}
     sites: dict[str, _Site] = {}
-    for att in injection.attachments:
+    for att in injection.of_set(name):
         module = adapter_module(model, att)
         if not isinstance(module, LoRADelta):
             if ignore_other_methods:
@@ -134,15 +142,17 @@ def peft_state_dict(sites: list[_Site]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, *, ignore_other_methods: bool = False) -> Path:
-    """Write the LoRA adapters of `model` as a PEFT LoRA adapter directory; returns the directory.
+def export_peft(model: nn.Module, directory: str | os.PathLike, *, ignore_other_methods: bool = False,
+                name: str | None = None) -> Path:
+    """Write the LoRA adapters of `model` (of its adapter set `name`, which may be left out when it
+    has one) as a PEFT LoRA adapter directory; returns the directory.
 
     Every check runs before anything is written. Each file is written to a temporary name beside it
     and renamed over the target, so a crash leaves the previous file whole. Raises InjectionError for
     LoRA on a fused or raw weight, for other methods (unless `ignore_other_methods`), for merged
     entries, and for anything PEFT's config cannot express.
     """
-    sites = _collect(model, ignore_other_methods)
+    sites = _collect(model, ignore_other_methods, name)
     config = peft_config(sites)
     tensors = peft_state_dict(sites)
     directory = Path(directory)
