@@ -39,6 +39,7 @@ _KNOWN_PARTS = {
            "attention_dropout"},
     "timm": {"qkv", "proj", "q_norm", "k_norm", "norm", "attn_drop", "proj_drop", "gate"},
     "hf_rotary": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "hf_relbias": {"query", "key", "value", "dropout", "relative_position_bias"},
     "mha": {"in_proj_weight", "in_proj_bias", "out_proj", "q_proj_weight", "k_proj_weight", "v_proj_weight",
             "bias_k", "bias_v"},
 }
@@ -51,6 +52,8 @@ _KNOWN_ARGS = {
     "timm": {"x", "attn_mask", "is_causal"},
     "hf_rotary": {"hidden_states", "position_embeddings", "attention_mask", "kwargs", "cache", "past_key_values",
                   "past_key_value", "cache_position", "position_ids", "output_attentions", "use_cache"},
+    "hf_relbias": {"hidden_states", "output_attentions", "relative_position_bias", "interpolate_pos_encoding",
+                   "resolution"},
     "mha": {"query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
             "is_causal"},
 }
@@ -91,6 +94,9 @@ def _call(module: nn.Module, convention: str, x: torch.Tensor):
         dh = module.head_dim
         angles = torch.randn(x.shape[0], x.shape[1], dh // 2, generator=g).repeat(1, 1, 2).to(x)
         return module(x, position_embeddings=(angles.cos(), angles.sin()))
+    if convention == "hf_relbias" and getattr(module, "has_relative_position_bias", False):
+        window = module.relative_position_bias.window_size
+        return module(x, resolution=(window[0] * module.config.patch_size, window[1] * module.config.patch_size))
     return module(x)
 
 
@@ -106,6 +112,8 @@ def _call_alone(module: nn.Module, convention: str, x: torch.Tensor) -> torch.Te
 def _lengths(module: nn.Module) -> list[int]:
     """Sequence lengths to probe with: a short one, and a window's token count (+1 for a class token)."""
     window = getattr(module, "window_size", None)
+    if window is None and getattr(module, "has_relative_position_bias", False):   # BEiT-style: window of its table
+        window = getattr(module.relative_position_bias, "window_size", None)
     if isinstance(window, (tuple, list)) and window and all(isinstance(w, int) for w in window):
         tokens = 1
         for w in window:

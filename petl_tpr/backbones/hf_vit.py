@@ -43,6 +43,15 @@ LAYOUT_V4 = BlockLayout(
     mlp_out="output.dense",
 )
 
+# Data2Vec-vision (and BEiT before transformers 5): the same paths as LAYOUT_V4, a self-attention
+# with a relative position bias table, taken over by the "hf_relbias" convention.
+LAYOUT_RELBIAS = BlockLayout(
+    **{f: getattr(LAYOUT_V4, f) for f in ("attn", "q", "k", "v", "o", "fc1", "fc2", "norm1", "norm2", "attn_in",
+                                          "attn_out", "mlp_in", "mlp_out")},
+    attn_check=lambda module: hasattr(module, "has_relative_position_bias"),
+    attention="hf_relbias",
+)
+
 
 # DINOv2 (with or without register tokens): norm1/norm2, a LayerScale after each branch. The branch
 # output before the residual is the LayerScale's output, so parallel adapters are not scaled down by it.
@@ -84,7 +93,7 @@ def tiny_example():
 
 FAMILY = register_family(Family(
     name="hf_vit",
-    layouts=(LAYOUT_V5, LAYOUT_V4, LAYOUT_DINOV2),
+    layouts=(LAYOUT_V5, LAYOUT_RELBIAS, LAYOUT_V4, LAYOUT_DINOV2),
     description="transformers ViTLayer (v5 q/k/v/o_proj + mlp, and v4 attention.attention.query/... layout), and DINOv2 layers (norm1/norm2, LayerScale), pre-norm",
     example=tiny_example,
 ))
