@@ -97,8 +97,8 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
     injection = get_injection(model)
     if injection is None:
         return {}
-    if name is not None and name not in injection.sets:
-        raise InjectionError(f"no adapter set named {name!r}; sets: {', '.join(injection.sets)}")
+    if name is not None:
+        _check_names(injection, [name])
     out = {}
     for att in injection.attachments:
         if name is not None and att.set != name:
@@ -194,6 +194,17 @@ def _check_names(injection: Injection, names: list[str]) -> None:
         raise InjectionError(f"no adapter set named {', '.join(map(repr, unknown))}; sets: {', '.join(injection.sets)}")
 
 
+def _one_set(injection: Injection, name: str | None, call: str) -> str:
+    """`name`, checked; or, left out, the model's only set (several sets: an error saying to name one)."""
+    if name is None:
+        if len(injection.sets) > 1:
+            raise InjectionError(f"this model carries {len(injection.sets)} adapter sets ({', '.join(injection.sets)}); "
+                                 f"{call} works on one: say which, {call}(..., name=...)")
+        return next(iter(injection.sets))
+    _check_names(injection, [name])
+    return name
+
+
 def eject(model: nn.Module, name: str | None = None) -> None:
     """Take adapters out: set `name`, or every set (modules, hooks, attention takeovers; with the last
     set, the requires_grad flags as before `inject`)."""
@@ -230,12 +241,7 @@ def merge(model: nn.Module, name: str | None = None) -> list[str]:
     """
     guard_hooks()
     injection = _injection(model)
-    if name is None:
-        if len(injection.sets) > 1:
-            raise InjectionError(f"this model carries {len(injection.sets)} adapter sets ({', '.join(injection.sets)}); "
-                                 f"merge folds one set into the shared base weights: say which, merge(model, name=...)")
-        name = next(iter(injection.sets))
-    _check_names(injection, [name])
+    name = _one_set(injection, name, "merge")    # it folds one set into the base weights every set shares
     merged = [att for att in injection.of_set(name) if METHODS[att.method].mergeable]
     forget(model, [att.state_prefix for att in merged])
     for att in merged:
@@ -257,7 +263,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     total = None
     for att in injection.attachments if injection else []:
         module = adapter_module(model, att)
-        if hasattr(module, "aux_loss"):          # an inert set's router kept no loss (attach.SiteHook)
+        if hasattr(module, "aux_loss"):          # an inert set's router kept no loss (`skipped`)
             term = module.aux_loss()
             total = term if total is None else total + term
     if total is None:

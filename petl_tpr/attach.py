@@ -30,7 +30,7 @@ from torch import nn
 from .attention import CONVENTIONS, release, state_of, take_over
 from .backbones.layout import is_conv1d
 from .errors import InjectionError, PetlError
-from .sets import DEFAULT, acts, row_index
+from .sets import DEFAULT, acts, add_at_rows, row_index, spread_rows
 from .side import SideSite, attach_side, detach_side
 from .weight_site import attach_weight, detach_weight
 
@@ -103,14 +103,6 @@ def _add_rows(out: torch.Tensor, delta: torch.Tensor, rows: tuple[int, int] | No
     return torch.cat([out[..., :a], out[..., a:b] + delta, out[..., b:]], dim=-1)
 
 
-def _add_rows_in_place(out: torch.Tensor, value: torch.Tensor, index: torch.Tensor, dim: int,
-                       owned: bool) -> torch.Tensor:
-    """`value` added at rows `index` (along `dim`) of `out`: in place once `out` is a tensor made by the
-    hook (one copy per site, not one per set; per_sample), else into a copy."""
-    out = out if owned else out.clone()
-    return out.index_add_(dim, index, value.to(out.dtype))
-
-
 class InputTap:
     """Forward pre-hook that keeps the latest input of a module for one parallel adapter."""
 
@@ -161,27 +153,17 @@ class SiteHook:
                     continue
                 source = tap.take() if tap is not None else None     # taken even when inert: one forward's input
                 if not acts(adapter):
-                    if hasattr(adapter, "_aux"):      # an inert router has no loss in this forward
-                        adapter._aux = None
+                    if hasattr(adapter, "skipped"):   # per-forward state (a router's loss) is of no forward now
+                        adapter.skipped()
                     continue
-                if slot == "delta":
-                    index = row_index(adapter, x, dim)
-                    delta = adapter(x if index is None else x.index_select(dim, index))
-                    if index is not None and rows is not None:
-                        delta = delta.new_zeros(out.shape[:-1] + delta.shape[-1:]).index_add(dim, index, delta)
-                        index = None
-                    if index is None:
-                        out, owned = _add_rows(out, delta, rows), True
-                    else:
-                        out, owned = _add_rows_in_place(out, delta, index, dim, owned), True
-                else:
-                    inp = (source if source is not None else x) if slot == "parallel" else out
-                    index = row_index(adapter, inp, dim)
-                    value = adapter(inp if index is None else inp.index_select(dim, index))
-                    if index is None:
-                        out, owned = out + value, True
-                    else:
-                        out, owned = _add_rows_in_place(out, value, index, dim, owned), True
+                inp = {"delta": x, "parallel": x if source is None else source, "post": out}[slot]
+                index = row_index(adapter, inp, dim)
+                value = adapter(inp if index is None else inp.index_select(dim, index))
+                if index is not None and rows is not None:    # a fused projection's rows: every batch row first
+                    value, index = spread_rows(value, index, dim, inp.shape[dim]), None
+                out = _add_rows(out, value, rows) if index is None else add_at_rows(out, value, index, dim,
+                                                                                   in_place=owned)
+                owned = True
         if is_seq:
             return [out, *output[1:]] if isinstance(output, list) else (out, *output[1:])
         return out

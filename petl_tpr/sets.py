@@ -104,8 +104,21 @@ def row_index(adapter: nn.Module, x: torch.Tensor, dim: int, where: str = "") ->
     return gate.index(adapter.__dict__[SET_ATTR], x.device)
 
 
-def add_at_rows(out: torch.Tensor, value: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """`out + value` where `value` covers every row (index None) or only the rows `index` along `dim`."""
+def add_at_rows(out: torch.Tensor, value: torch.Tensor, index: torch.Tensor | None, dim: int, *,
+                in_place: bool = False) -> torch.Tensor:
+    """`out + value` where `value` covers every row (index None) or only the rows `index` along `dim`.
+
+    With `in_place`, rows are added into `out` itself (a tensor the caller made and owns: one copy
+    per site under per_sample, not one per set) instead of into a copy.
+    """
     if index is None:
         return out + value
-    return out.index_add(dim, index, value.to(out.dtype))
+    out = out if in_place else out.clone()
+    return out.index_add_(dim, index, value.to(out.dtype))
+
+
+def spread_rows(value: torch.Tensor, index: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """`value`, computed on the rows `index` (along `dim`), in a tensor of `rows` rows that is zero elsewhere."""
+    shape = list(value.shape)
+    shape[dim] = rows
+    return add_at_rows(value.new_zeros(shape), value, index, dim, in_place=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import InjectionError
-from .sets import acts, add_at_rows, row_index
+from .sets import acts, row_index, spread_rows
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class SideOutput:
         else:      # per-sample sets: this side network runs on its own rows only
             part = self.adapter(pooled.detach()[rows], [h[rows] for h in hidden], index[rows],
                                 None if valid is None else valid[rows])
-            correction = add_at_rows(pooled.new_zeros(b, part.shape[-1]), part, rows, 0)
+            correction = spread_rows(part, rows, 0, b).to(out.dtype)
         if out.dim() == 2:
             new = out + correction
         elif mean:      # the model averages every position: the same correction at each moves the mean by it

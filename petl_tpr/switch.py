@@ -12,15 +12,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .api import Injection, _check_names, _injection, adapter_parameters
+from .api import Injection, _check_names, _injection, adapter_parameters, get_injection
 from .attach import adapter_module
 from .errors import InjectionError, InputError
 
 
 def adapter_sets(model: nn.Module) -> list[str]:
     """The names of the model's adapter sets, in injection order ([] when nothing is injected)."""
-    from .api import get_injection
-
     injection = get_injection(model)
     return [] if injection is None else list(injection.sets)
 
@@ -113,7 +111,8 @@ def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
 
     Each set runs once per site on its own rows (gathered, then added back at them). Gradients reach
     the sets named in the batch, where their parameters require grad (`set_trainable` to train
-    several: requires_grad must be set before the forward). A batch whose size is not `len(names)` is an `InputError` at the first adapted site.
+    several: requires_grad must be set before the forward). A batch whose size is not `len(names)`
+    is an `InputError` at the first adapted site.
     """
     injection = _injection(model)
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:

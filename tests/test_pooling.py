@@ -57,29 +57,29 @@ def _siglip():
     return SiglipModel(config).eval()
 
 
-def test_siglip_text_correction_lands_on_the_last_position_only():
+def _before_and_after_unipt(branch: str, **inputs):
+    """A SigLIP tower's outputs before and after a perturbed UniPT on it."""
     model = _siglip()
-    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    tower = model.text_model if branch == "text" else model.vision_model
     with torch.no_grad():
-        before = model.text_model(input_ids=ids)
-    pt.inject(model, _unipt("text"))
+        before = tower(**inputs)
+    pt.inject(model, _unipt(branch))
     perturb(model)
     with torch.no_grad():
-        after = model.text_model(input_ids=ids)
+        return before, tower(**inputs)
+
+
+def test_siglip_text_correction_lands_on_the_last_position_only():
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    before, after = _before_and_after_unipt("text", input_ids=ids)
     assert torch.equal(after.last_hidden_state[:, :-1], before.last_hidden_state[:, :-1])
     assert (after.last_hidden_state[:, -1] - before.last_hidden_state[:, -1]).abs().max() > 1e-4
     assert (after.pooler_output - before.pooler_output).abs().max() > 1e-4, "SigLIP pools the last position"
 
 
 def test_siglip_vision_correction_is_added_to_the_attention_pooled_feature():
-    model = _siglip()
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model.vision_model(pixel_values=pixels)
-    pt.inject(model, _unipt("vision"))
-    perturb(model)
-    with torch.no_grad():
-        after = model.vision_model(pixel_values=pixels)
+    before, after = _before_and_after_unipt("vision", pixel_values=pixels)
     assert torch.equal(after.last_hidden_state, before.last_hidden_state), "the sequence the head reads is untouched"
     assert (after.pooler_output - before.pooler_output).abs().max() > 1e-4
 

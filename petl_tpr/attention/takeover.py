@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import InjectionError
-from ..sets import acts, add_at_rows, per_sample_rows, row_index
+from ..sets import acts, per_sample_rows, row_index, spread_rows
 
 STATE_ATTR = "_petl_takeover"
 _CLASSES: dict[type, type] = {}
@@ -87,8 +87,7 @@ class TakeoverState:
             if index is None:
                 term = adapter(x)
             else:
-                term = adapter(x.index_select(0, index))
-                term = add_at_rows(term.new_zeros(x.shape[:-1] + term.shape[-1:]), term, index, 0)
+                term = spread_rows(adapter(x.index_select(0, index)), index, 0, x.shape[0])
             out = term if out is None else out + term
         return out
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..api import get_injection
+from ..api import _one_set, get_injection
 from ..atomic import write_atomic
 from ..attach import adapter_module
 from ..errors import InjectionError
@@ -53,13 +53,7 @@ def _collect(model: nn.Module, ignore_other_methods: bool, name: str | None = No
     injection = get_injection(model)
     if injection is None:
         raise InjectionError(f"this {type(model).__name__} has no adapters to export (call inject first)")
-    if name is None:
-        if len(injection.sets) > 1:
-            raise InjectionError(f"this model carries {len(injection.sets)} adapter sets ({', '.join(injection.sets)}); "
-                                 f"a PEFT adapter directory holds one: export_peft(model, directory, name=...)")
-        name = next(iter(injection.sets))
-    if name not in injection.sets:
-        raise InjectionError(f"no adapter set named {name!r}; sets: {', '.join(injection.sets)}")
+    name = _one_set(injection, name, "export_peft")      # a PEFT adapter directory holds one set
     adapter_set = injection.sets[name]
     if adapter_set.merged_entries:
         raise InjectionError(f"entries {adapter_set.merged_entries} were merged into the base weights; PEFT would load "

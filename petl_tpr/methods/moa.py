@@ -190,6 +190,10 @@ class MixtureOfAdapters(nn.Module):
                             check_ids=False)   # top-k ids lie in [0, E): no id check, no host transfer for it
         return (y * self.scale).reshape(x.shape).to(x.dtype)
 
+    def skipped(self) -> None:
+        """Its set did not act in this forward (attach.SiteHook): no router loss from it."""
+        self._aux = None
+
     def aux_loss(self) -> torch.Tensor:
         """`lb_weight * L_aux` of the last forward (0-dim); zero before any forward."""
         if self._aux is None:
