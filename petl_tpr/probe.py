@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import CONVENTIONS, is_taken_over as _taken, release, take_over
+from .attention import CONVENTIONS, is_taken_over as _taken, release, state_of, take_over
+from .attention.intercept import count_sdpa
 from .backbones.layout import is_conv1d
 from .errors import UnsupportedError
 from .registry import METHODS
+from .targeting import takeover_path
 from .weight_site import reads_attribute
 
 ATOL = 1e-5
@@ -39,6 +41,8 @@ _KNOWN_PARTS = {
            "attention_dropout"},
     "timm": {"qkv", "proj", "q_norm", "k_norm", "norm", "attn_drop", "proj_drop", "gate"},
     "hf_rotary": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "hf_fused": {"qkv", "projection", "dropout"},
+    "hf_deberta": {"query_proj", "key_proj", "value_proj", "pos_key_proj", "pos_query_proj", "pos_dropout", "dropout"},
     "hf_relbias": {"query", "key", "value", "dropout", "relative_position_bias"},
     "mha": {"in_proj_weight", "in_proj_bias", "out_proj", "q_proj_weight", "k_proj_weight", "v_proj_weight",
             "bias_k", "bias_v"},
@@ -50,6 +54,9 @@ _KNOWN_ARGS = {
            "use_cache", "cache_position", "past_key_values", "past_key_value", "cache", "encoder_hidden_states",
            "encoder_attention_mask", "head_mask", "layer_head_mask"},
     "timm": {"x", "attn_mask", "is_causal"},
+    "hf_fused": {"hidden_states", "kwargs", "output_attentions"},
+    "hf_deberta": {"hidden_states", "attention_mask", "output_attentions", "query_states", "relative_pos",
+                   "rel_embeddings"},
     "hf_rotary": {"hidden_states", "position_embeddings", "attention_mask", "kwargs", "cache", "past_key_values",
                   "past_key_value", "cache_position", "position_ids", "output_attentions", "use_cache"},
     "hf_relbias": {"hidden_states", "output_attentions", "relative_position_bias", "interpolate_pos_encoding",
@@ -111,7 +118,8 @@ def _call_alone(module: nn.Module, convention: str, x: torch.Tensor) -> torch.Te
 
 def _lengths(module: nn.Module) -> list[int]:
     """Sequence lengths to probe with: a short one, and a window's token count (+1 for a class token)."""
-    window = getattr(module, "window_size", None)
+    window = next((getattr(m, "window_size") for m in module.modules() if isinstance(getattr(m, "window_size", None),
+                                                                                      (tuple, list))), None)
     if window is None and getattr(module, "has_relative_position_bias", False):   # BEiT-style: window of its table
         window = getattr(module.relative_position_bias, "window_size", None)
     if isinstance(window, (tuple, list)) and window and all(isinstance(w, int) for w in window):
@@ -138,34 +146,59 @@ class _Called:
         self.count += 1
 
 
+def _softmax_in_source(module: nn.Module) -> bool:
+    """Whether `module`'s forward computes a softmax in its own code and never names SDPA (source read as text)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "softmax" in source and "scaled_dot_product_attention" not in source
+
+
+def _no_sdpa(finding: str) -> str:
+    """Why the `sdpa` takeover cannot serve a module either; `finding` says what was seen."""
+    return (f"{finding}, so its own forward cannot carry key/value prefixes either (they are given at its one "
+            f"torch.nn.functional.scaled_dot_product_attention call). Target "
+            f"roles that need no takeover (LoRA on Linear projections, adapters), build the model with an SDPA attention "
+            f"where it has one (transformers: attn_implementation='sdpa'), or add a convention (docs/adding.md)")
+
+
 @torch.no_grad()
 def check_attention(model: nn.Module, path: str, convention: str | None, width: int, hooked: list[str],
-                    takeover: bool, weightable: frozenset[str] = frozenset()) -> set[str]:
+                    takeover: bool, weightable: frozenset[str] = frozenset()) -> tuple[set[str], str | None]:
     """Probe the attention at `path`; raise UnsupportedError naming what the takeover or a hook would miss.
 
     `hooked` are module paths (inside the attention) that will get forward hooks; `takeover` says
     whether the spec needs the attention taken over. Returns the hooked modules the attention does
     not call but whose `weight` it reads, when all their sites are in `weightable` (mergeable
-    deltas): those are attached at the weight instead (weight_site.py).
+    deltas): those are attached at the weight instead (weight_site.py); and the convention that
+    takes it over: the family's, or `sdpa` (its own forward, prefixes given at its one SDPA call)
+    where the family's does not reproduce the module but the module calls SDPA once.
     """
     module = model.get_submodule(path)
     was_training = module.training
     module.eval()
     who = f"'{path}' ({type(module).__name__})"
+    own_hooks = _suspend_hooks(module)   # a block taken over whole may carry an earlier set's side-network taps
     try:
         counters = {owner: _Called() for owner in hooked}
         handles = [model.get_submodule(owner).register_forward_hook(c) for owner, c in counters.items()]
         try:
             for length in _lengths(module):
                 x = _probe_input(module, width, length)
-                own = _call_alone(module, convention or "", x)
+                own, calls = count_sdpa(lambda: _call_alone(module, convention or "", x))
                 if own is not None:
                     break
         finally:
             for handle in handles:
                 handle.remove()
-        if own is None:   # cannot be called alone: judge by structure
-            if takeover and convention is not None and not _taken(module):
+        if _taken(module):   # a taken-over module was probed when taken
+            return set(), state_of(module).convention.name
+        if own is None:   # cannot be called alone: judge by structure (the sdpa takeover checks its call at forward)
+            if takeover and convention == "sdpa" and _softmax_in_source(module):
+                raise UnsupportedError(f"attention {who} has no takeover convention in its family; " + _no_sdpa(
+                    "it cannot be called alone to be probed, and its forward computes a softmax in its own code"))
+            if takeover and convention not in (None, "sdpa"):
                 missing = unknown_parts(module, convention) + [f"argument {a!r}" for a in unknown_args(module, convention)]
                 if missing:
                     raise UnsupportedError(
@@ -173,7 +206,7 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
                         f"{', '.join(missing)}; prefixes or raw-weight deltas there would change the model. Target roles "
                         f"that need no takeover (LoRA on Linear projections, adapters), or add a convention "
                         f"(docs/adding.md)")
-            return set()
+            return set(), convention
         bypassed = [owner for owner, c in counters.items() if c.count == 0]
         at_weight = {b for b in bypassed if b in weightable and not is_conv1d(model.get_submodule(b))
                      and reads_attribute(model, b, "weight", lambda: _call_alone(module, convention or "", x))}
@@ -183,29 +216,61 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
                 f"attention {who} does not call {', '.join(repr(b) for b in bypassed)} in its forward (it reads the "
                 f"weight directly), so an adapter hooked there would never run. Parts of the module the convention "
                 f"does not read: {', '.join(unknown_parts(module, convention or '')) or 'none'}")
-        if not takeover or convention is None or _taken(module):   # a taken-over module was probed when taken
-            return at_weight
-        take_over(module, CONVENTIONS[convention])
+        if not takeover or convention is None:
+            return at_weight, convention
+        if convention == "sdpa":
+            if calls != 1:
+                raise UnsupportedError(f"attention {who} has no takeover convention in its family; " + _no_sdpa(
+                    f"it calls SDPA {calls} times in a probe forward (it computes attention itself, e.g. an eager softmax)"))
+            return at_weight, convention
         try:
-            try:
-                ours = _first_tensor(_call(module, convention, x))
-            except Exception as error:   # the takeover cannot run what the module itself runs
-                raise UnsupportedError(f"attention {who}: the {convention!r} takeover fails where the module's own "
-                                       f"forward works ({type(error).__name__}: {error})") from None
-        finally:
-            release(module)
-        if ours is None or ours.shape != own.shape or not torch.allclose(ours, own, atol=ATOL, rtol=1e-4):
-            gap = (ours - own).abs().max().item() if ours is not None and ours.shape == own.shape else float("nan")
-            parts = unknown_parts(module, convention)
-            raise UnsupportedError(
-                f"attention {who} computes something the {convention!r} takeover does not reproduce (max difference "
-                f"{gap:.2e} on a probe input), so prefixes or raw-weight deltas there would change the model. "
-                f"Parts the takeover does not read: {', '.join(parts) or 'none (the forward itself differs)'}. "
-                f"Target roles that need no takeover (LoRA on Linear projections, adapters), or add a convention "
-                f"(docs/adding.md)")
-        return at_weight
+            _check_identity(module, convention, x, own, who)
+        except UnsupportedError as error:
+            if calls == 1:
+                return at_weight, "sdpa"
+            raise UnsupportedError(f"{error}; " + _no_sdpa(f"it calls SDPA {calls} times in a probe forward")) from None
+        return at_weight, convention
     finally:
         module.train(was_training)
+        _restore_hooks(module, own_hooks)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def _suspend_hooks(module: nn.Module) -> dict[str, Any]:
+    """Take `module`'s own forward hooks off it (returned, for `_restore_hooks`): the probe calls the module alone,
+    and a hook with state (a side network's tap) must not see that call."""
+    saved = {name: getattr(module, name) for name in _HOOK_DICTS if hasattr(module, name)}
+    for name, hooks in saved.items():
+        setattr(module, name, type(hooks)())
+    return saved
+
+
+def _restore_hooks(module: nn.Module, saved: dict[str, Any]) -> None:
+    for name, hooks in saved.items():
+        setattr(module, name, hooks)
+
+
+def _check_identity(module: nn.Module, convention: str, x: torch.Tensor, own: torch.Tensor, who: str) -> None:
+    """The taken-over forward (no adapter) must give `own`, the module's output for `x`."""
+    take_over(module, CONVENTIONS[convention])
+    try:
+        try:
+            ours = _first_tensor(_call(module, convention, x))
+        except Exception as error:   # the takeover cannot run what the module itself runs
+            raise UnsupportedError(f"attention {who}: the {convention!r} takeover fails where the module's own "
+                                   f"forward works ({type(error).__name__}: {error})") from None
+    finally:
+        release(module)
+    if ours is None or ours.shape != own.shape or not torch.allclose(ours, own, atol=ATOL, rtol=1e-4):
+        gap = (ours - own).abs().max().item() if ours is not None and ours.shape == own.shape else float("nan")
+        parts = unknown_parts(module, convention)
+        raise UnsupportedError(
+            f"attention {who} computes something the {convention!r} takeover does not reproduce (max difference "
+            f"{gap:.2e} on a probe input), so prefixes or raw-weight deltas there would change the model. "
+            f"Parts the takeover does not read: {', '.join(parts) or 'none (the forward itself differs)'}")
 
 
 def check_planned(model: nn.Module, backbone, planned: list) -> list:
@@ -227,18 +292,30 @@ def check_planned(model: nn.Module, backbone, planned: list) -> list:
         if att.side is not None:
             continue
         block = backbone.branches[att.branch].blocks[att.layer]
-        path = block.module_path(block.layout.attn)
+        path = takeover_path(model, block)
         item = todo.setdefault(path, {"convention": block.layout.attention, "width": block.dim, "hooked": set(),
                                       "takeover": False})
-        if att.attention == path:
-            item["takeover"] = True
+        if att.attention == path:      # the convention targeting chose (the family's, a recognised one, or sdpa)
+            item["takeover"], item["convention"] = True, att.convention
         elif att.owner.startswith(path + "."):
             item["hooked"].add(att.owner)
     at_weight: set[str] = set()
+    chosen: dict[str, str | None] = {}
     for path, item in todo.items():
         if item["takeover"] or item["hooked"]:
-            at_weight |= check_attention(model, path, item["convention"], item["width"], sorted(item["hooked"]),
-                                         item["takeover"], frozenset(o for o, ok in weightable.items() if ok))
-    return [replace(site, attachment=replace(site.attachment, slot="weight"))
-            if site.attachment.owner in at_weight and site.attachment.attention is None and site.attachment.side is None
-            else site for site in planned]
+            weights, chosen[path] = check_attention(model, path, item["convention"], item["width"], sorted(item["hooked"]),
+                                                    item["takeover"], frozenset(o for o, ok in weightable.items() if ok))
+            at_weight |= weights
+    out = []
+    for site in planned:
+        att = site.attachment
+        if att.owner in at_weight and att.attention is None and att.side is None:
+            att = replace(att, slot="weight")
+        elif att.attention is not None and chosen.get(att.attention, att.convention) != att.convention:
+            if att.slot != "kv":
+                raise UnsupportedError(f"entry {att.entry!r} ({att.method}): the attention '{att.attention}' can carry "
+                                       f"prefixes only through its own SDPA call, and {att.key} is a raw weight that "
+                                       f"needs a takeover computing the projections")
+            att = replace(att, convention=chosen[att.attention])
+        out.append(replace(site, attachment=att))
+    return out

@@ -9,13 +9,18 @@ A side attachment (`slot == "side"`) has
   its correction where the model pools (backbones/pooling.py: CLS at position 0; CLIP's EOT at
   the largest id or the first end-of-text id; SigLIP text's last position; every position for a
   mean-pooling model), or to the whole output when that module sees the pooled `(B, D)` feature
-  already (transformers' CLIP vision tower, a SigLIP pooling head, timm's `fc_norm`).
+  already (transformers' CLIP vision tower, a SigLIP pooling head, timm's `fc_norm`);
+- for a branch whose model does not pool (kind "none"), a correction at every position, each
+  position reading the keys the model lets it see: a pre-hook on the nearest ancestor that takes an
+  `attention_mask` keeps the `(B, N)` padding mask given to it, and a causal model (an attention
+  with `is_causal`) lets position i read positions <= i only.
 Because the taps are detached and the backbone is frozen, autograd records nothing inside the
 backbone: training keeps no backbone activations for backward.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,8 @@ class SideSite:
     global_token: str              # where the model pools: backbones/pooling.py kinds
     batch_first: bool              # False for sequence-first (L, B, D) hidden states
     eos_id: int | None = None      # global_token "eos": the token id pooled at
+    mask_from: str | None = None   # global_token "none": module whose `attention_mask` argument is the padding mask
+    causal: bool = False           # global_token "none": position i sees positions <= i only
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -53,6 +60,7 @@ class SideState:
     def __init__(self, taps: int) -> None:
         self.hidden: list[torch.Tensor | None] = [None] * (taps + 1)
         self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None     # (B, N) padding mask of this forward (kind "none")
         self.handles: list[Any] = []
         self.applied = False       # the correction was added in this forward (reset by the first block)
 
@@ -70,17 +78,48 @@ class SideState:
         return hidden, ids
 
 
+def _with_first(output: Any, new: torch.Tensor) -> Any:
+    """`output` with its tensor (or its first element, for a tuple or list output) replaced by `new`."""
+    if isinstance(output, (tuple, list)):
+        return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
+    return new
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of `module`'s forward, by name."""
+    try:
+        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return dict(kwargs)
+
+
+def _visible(mask: torch.Tensor | None, causal: bool, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """`(B, N, N)` bool: which keys position i reads, from a `(B, N)` padding mask and a causal order; None for all."""
+    if mask is not None and tuple(mask.shape) != (b, n):
+        raise InjectionError(f"a side network correcting every position reads the model's attention_mask as a (batch, "
+                             f"length) = ({b}, {n}) padding mask, but got one of shape {tuple(mask.shape)}")
+    seen = None if mask is None else mask.to(device=device).bool()[:, None, :].expand(b, n, n)
+    if causal:
+        order = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None].expand(b, n, n)
+        seen = order if seen is None else seen & order
+    return seen
+
+
 class Tap:
     """A hook object (not a closure, so `copy.deepcopy` of a model gives the copy its own taps).
 
     kind "input": pre-hook keeping a block's input as hidden[index]; "output": forward hook keeping
-    a block's output; "ids": pre-hook keeping the token ids given to the token embedding.
+    a block's output; "ids": pre-hook keeping the token ids given to the token embedding; "mask":
+    pre-hook keeping the `attention_mask` argument of a model's forward (None when not given).
     """
 
     def __init__(self, state: SideState, kind: str, index: int = 0) -> None:
         self.state, self.kind, self.index = state, kind, index
 
     def __call__(self, module: nn.Module, args: tuple, third: Any) -> None:
+        if self.kind == "mask":
+            self.state.mask = _bound(module, args, third).get("attention_mask")
+            return
         if self.kind != "ids" and self.state.hidden[self.index] is not None:
             raise InjectionError("a block tapped by a side network ran twice in one forward (one layer's weights shared "
                                  "by several layer positions, as in ALBERT, or a final norm called twice): the side "
@@ -102,7 +141,7 @@ class SideOutput:
 
     def __init__(self, adapter: nn.Module, state: SideState, site: SideSite) -> None:
         self.adapter, self.state, self.global_token, self.batch_first = adapter, state, site.global_token, site.batch_first
-        self.eos_id = site.eos_id
+        self.eos_id, self.causal = site.eos_id, site.causal
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         out = _tensor(output)
@@ -116,6 +155,8 @@ class SideOutput:
             hidden = [h.transpose(0, 1) for h in hidden]
             out = out.transpose(0, 1) if out.dim() == 3 else out
         b = out.shape[0]
+        if self.global_token == "none":
+            return self._every_position(output, out, hidden)
         index = torch.zeros(b, dtype=torch.long, device=out.device)
         valid = None
         if self.global_token in ("eot", "eos"):
@@ -149,9 +190,24 @@ class SideOutput:
             place = torch.nn.functional.one_hot(index, out.shape[1]).to(out.dtype)
             new = out + place[:, :, None] * correction[:, None, :]
             new = new if self.batch_first else new.transpose(0, 1)
-        if isinstance(output, (tuple, list)):
-            return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
-        return new
+        return _with_first(output, new)
+
+
+    def _every_position(self, output: Any, out: torch.Tensor, hidden: list[torch.Tensor]) -> Any:
+        """A model that does not pool: each position `(B, N, D)` gets its own correction."""
+        b, n = out.shape[0], out.shape[1]
+        visible = _visible(self.state.mask, self.causal, b, n, out.device)
+        self.state.mask = None
+        rows = row_index(self.adapter, out, 0, "a side network's output")
+        if rows is None:
+            correction = self.adapter(out.detach(), hidden, None, visible)
+        else:      # per-sample sets: this side network runs on its own rows only
+            part = self.adapter(out.detach()[rows], [h[rows] for h in hidden], None,
+                                None if visible is None else visible[rows])
+            correction = spread_rows(part, rows, 0, b)
+        new = out + correction.to(out.dtype)
+        new = new if self.batch_first else new.transpose(0, 1)
+        return _with_first(output, new)
 
 
 def attach_side(model: nn.Module, adapter: nn.Module, site: SideSite) -> None:
@@ -164,6 +220,9 @@ def attach_side(model: nn.Module, adapter: nn.Module, site: SideSite) -> None:
               for i, path in enumerate(site.taps, start=1)]
     if site.global_token in ("eot", "eos"):
         hooks.append(model.get_submodule(site.ids).register_forward_pre_hook(Tap(state, "ids"), with_kwargs=True))
+    if site.mask_from is not None:
+        hooks.append(model.get_submodule(site.mask_from).register_forward_pre_hook(Tap(state, "mask"),
+                                                                                  with_kwargs=True))
     hooks.append(model.get_submodule(site.owner).register_forward_hook(SideOutput(adapter, state, site)))
     state.handles = hooks
     adapter.__dict__["_petl_side_state"] = state

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from .attach import Attachment, home_of
+from .attention import recognised_convention
 from .backbones.discover import Backbone
-from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block, Branch
+from .backbones.pooling import is_causal, padding_mask_source
+from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block, Branch, is_linear
 from .errors import SpecError
 from .registry import FAMILIES, METHODS
 from .sets import DEFAULT
@@ -27,23 +29,16 @@ class PlannedSite:
     extra: dict = field(default_factory=dict)   # more build() arguments of some mechanisms (side: taps)
 
 
-def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: MethodEntry) -> PlannedSite:
-    """One side network per branch: taps on the embedding output and the selected blocks' outputs."""
+def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: MethodEntry,
+               stacks: list[str]) -> PlannedSite:
+    """One side network per branch: taps on the embedding output and the selected blocks' outputs (`stacks`:
+    every branch's path). Taps may differ in width (Swin's stages): each has its own input Linear."""
     blocks = branch.blocks
-    widths = sorted({blocks[i].dim for i in layers} | {blocks[0].dim})
-    if len(widths) > 1:
-        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} changes width across its stages "
-                        f"({', '.join(map(str, widths))}); a side network reads every tapped block at one width. Select "
-                        f"the layers of one stage with where.layers")
     first = blocks[0]
     family = FAMILIES[first.family]
     pool = branch.pooling
     kind = pool.kind if pool is not None else family.global_token(branch.name)
     source = f" [{pool.source}]" if pool is not None else ""
-    if kind == "none":
-        raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} ({first.family}) has no pooled "
-                        f"token (its model returns every position and leaves pooling to the user{source}), and a side "
-                        f"network adds its correction where the model pools")
     if kind == "unsupported":
         raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r}: {pool.why}{source}; a side "
                         f"network adds its correction where the model pools, and cannot here")
@@ -56,25 +51,47 @@ def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: Metho
     side = SideSite(first_block=first.path, taps=tuple(blocks[i].path for i in layers), owner=owner,
                     ids=branch.token_embedding, global_token=kind,
                     batch_first=first.layout.batch_first(model.get_submodule(first.path)),
-                    eos_id=pool.eos_id if pool is not None else None)
+                    eos_id=pool.eos_id if pool is not None else None,
+                    mask_from=padding_mask_source(model, branch, stacks) if kind == "none" else None,
+                    causal=kind == "none" and is_causal(model, branch, stacks))
     if kind in ("eot", "eos") and branch.token_embedding is None:
         raise SpecError(f"entry {entry.name!r}: branch {branch.name!r} pools at the end-of-text token but no token "
                         f"embedding feeds it")
     home, container = home_of(model, owner, entry.name)
     att = Attachment(key=branch.path, entry=entry.name, method=entry.method, branch=branch.name, layer=layers[-1],
                      role="branch", slot="side", owner=owner, container=container, home=home, side=side)
-    return PlannedSite(att, entry, branch.dim, branch.dim, {"taps": len(layers) + 1})
+    widths = (blocks[0].dim, *(blocks[i].dim for i in layers))     # H_0 and each tapped block's output
+    d = blocks[-1].dim                # the branch's end (its final norm follows the last block)
+    extra: dict = {"taps": len(layers) + 1}
+    if any(w != d for w in widths):   # stages of different widths (Swin): one input width per tap
+        extra["tap_dims"] = widths
+    return PlannedSite(att, entry, d, d, extra)
 
 
-def _takeover(model: nn.Module, block: Block, entry: MethodEntry, why: str) -> tuple[str, str]:
-    """(attention path, convention) of a block whose attention must be taken over, or SpecError."""
+def takeover_path(model: nn.Module, block: Block) -> str:
+    """The module whose forward computes `block`'s attention: the layout's `attn`, or the block itself where
+    the layout names a projection there (a block that holds its q/k/v Linears directly)."""
     path = block.module_path(block.layout.attn)
-    if block.layout.attention is None:
-        module = model.get_submodule(path)
-        raise SpecError(f"entry {entry.name!r} ({entry.method}) needs to take over the attention {path!r} "
-                        f"({type(module).__name__}, family {block.family}) {why}, but that family has no takeover "
-                        f"convention; see docs/adding.md")
-    return path, block.layout.attention
+    return block.path if is_linear(model.get_submodule(path)) else path
+
+
+def _takeover(model: nn.Module, block: Block, entry: MethodEntry, why: str, prefix: bool) -> tuple[str, str]:
+    """(attention path, convention) of a block whose attention must be taken over, or SpecError.
+
+    Where the family names no convention, one that recognises the module by structure takes it
+    (DeBERTa's disentangled attention); otherwise prefixes go through the module's own SDPA call (`sdpa`, checked
+    by the inject probe); raw-weight deltas need a convention that computes the projections.
+    """
+    path = takeover_path(model, block)
+    module = model.get_submodule(path)
+    convention = block.layout.attention or recognised_convention(module)
+    if convention is not None:
+        return path, convention
+    if prefix:
+        return path, "sdpa"
+    raise SpecError(f"entry {entry.name!r} ({entry.method}) needs to take over the attention {path!r} "
+                    f"({type(module).__name__}, family {block.family}) {why}, but that family has no takeover "
+                    f"convention; see docs/adding.md")
 
 
 def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEntry) -> PlannedSite:
@@ -87,13 +104,14 @@ def _site(model: nn.Module, block: Block, role: str, slot: str, entry: MethodEnt
             att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
                              rows=proj.rows, **common)
         else:   # a raw weight the module reads itself: the takeover applies the delta to activations
-            attention, convention = _takeover(model, block, entry, f"to change the raw weight {proj.param}")
+            attention, convention = _takeover(model, block, entry, f"to change the raw weight {proj.param}",
+                                              prefix=False)
             home, container = home_of(model, attention, f"{entry.name}_{role}")
             att = Attachment(key=proj.key, owner=proj.owner, container=container, home=home, param=proj.param,
                              rows=proj.rows, attention=attention, convention=convention, **common)
         return PlannedSite(att, entry, proj.in_dim, proj.out_dim)
     if slot == "kv":
-        attention, convention = _takeover(model, block, entry, "to add key/value prefixes")
+        attention, convention = _takeover(model, block, entry, "to add key/value prefixes", prefix=True)
         home, container = home_of(model, attention, entry.name)
         att = Attachment(key=attention, owner=attention, container=container, home=home, attention=attention,
                          convention=convention, **common)
@@ -166,14 +184,15 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
         if unknown:
             raise SpecError(f"entry {entry.name!r}: unknown branch(es) {unknown}; branches: {_describe(backbone)}")
         count = 0
+        joined = _joined(backbone, names) if slot == "side" else {}
         for branch_name in names:
-            blocks = backbone.branches[branch_name].blocks
-            try:
-                layers = entry.where.layer_indices(len(blocks))
-            except SpecError as error:
-                raise SpecError(f"entry {entry.name!r}, branch {branch_name!r}: {error}") from None
+            if joined.get(branch_name) == ():
+                continue        # read by the side network of the first branch it interleaves with
+            branch, layers = _selected(backbone, joined.get(branch_name, (branch_name,)), entry)
+            blocks = branch.blocks
             if slot == "side":
-                sites = [_in_set(model, _side_site(model, backbone.branches[branch_name], layers, entry), None, set_name)
+                sites = [_in_set(model, _side_site(model, branch, layers, entry,
+                                                [b.path for b in backbone.branches.values()]), None, set_name)
                          ] if layers else []
                 for site in sites:
                     _check_side_owner(site, planned, backbone)
@@ -193,6 +212,36 @@ def plan(model: nn.Module, spec: Spec, backbone: Backbone, existing: list[Attach
         param = next(model.parameters(), None)
         check_fits(planned, param.device if param is not None else torch.device("cpu"))
     return planned
+
+
+def _joined(backbone: Backbone, names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Selected branches that end at one final norm and return every position (CoCa's text decoder: a
+    self-attention stack and a cross-attention stack called in turn) are read by one side network: the
+    first maps to all of them, the others to ()."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        branch = backbone.branches[name]
+        every = branch.pooling is not None and branch.pooling.kind == "none"
+        groups.setdefault(branch.final_norm if every and branch.final_norm else f"branch:{name}", []).append(name)
+    out: dict[str, tuple[str, ...]] = {}
+    for members in groups.values():
+        out |= {members[0]: tuple(members), **{m: () for m in members[1:]}}
+    return out
+
+
+def _selected(backbone: Backbone, names: tuple[str, ...], entry: MethodEntry) -> tuple[Branch, list[int]]:
+    """The branch `names[0]` with the blocks of every branch in `names` after its own, and the selected layers
+    (`where.layers` applied to each branch, indices into that concatenation)."""
+    first = backbone.branches[names[0]]
+    blocks, layers = [], []
+    for name in names:
+        own = backbone.branches[name].blocks
+        try:
+            layers += [len(blocks) + i for i in entry.where.layer_indices(len(own))]
+        except SpecError as error:
+            raise SpecError(f"entry {entry.name!r}, branch {name!r}: {error}") from None
+        blocks += own
+    return (first if len(names) == 1 else replace(first, blocks=tuple(blocks))), layers
 
 
 def _check_side_owner(site: PlannedSite, planned: list[PlannedSite], backbone: Backbone) -> None:

@@ -30,6 +30,9 @@ EXPECTED = {   # architecture -> {branch: pooling kind}, read from each model's 
     "open_clip_timm_vit": {"vision": "none", "text": "eot"},
     "hf_t5_encoder": {"text": "none"},
     "hf_llama": {"text": "none"},
+    "hf_swin": {"vision": "mean"},
+    "open_clip_coca": {"text": "eot", "vision": "first", "text_decoder": "none", "text_decoder_cross_attn": "none"},
+    "hf_albert": {"text": "none"},
 }
 
 
@@ -122,8 +125,107 @@ def test_blip_vision_final_norm_called_twice_takes_one_correction():
     assert torch.equal(first, second) and (first - before).abs().max() > 1e-4
 
 
-def test_a_tower_that_does_not_pool_is_refused_with_what_was_read():
-    model, _ = build("open_clip_timm_vit")
-    with pytest.raises(pt.SpecError, match="no pooled token.*global_pool=''"):
-        pt.inject(model, _unipt("vision"))
-    assert pt.api.get_injection(model) is None
+def test_a_tower_that_does_not_pool_gets_every_position_corrected():
+    model, run = build("open_clip_timm_vit")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.encode_image(x)                  # (B, N, D): the tower returns every position
+    pt.inject(model, _unipt("vision"))
+    assert "side networks correct every position" in str(pt.discover(model))
+    perturb(model)
+    with torch.no_grad():
+        changed = (model.encode_image(x) - before).abs().amax(-1) > 1e-5
+    assert before.dim() == 3 and bool(changed.all())
+
+
+def _text_ids(length: int = 9):
+    return torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_position_correction_reads_no_padding():
+    """T5's encoder ignores padded keys; so must the correction: a padded row equals that row run unpadded."""
+    model, _ = build("hf_t5_encoder")
+    pt.inject(model, _unipt("text"))
+    perturb(model)
+    ids, mask = _text_ids(), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[1, :6]
+        alone = model(input_ids=ids[1:, :6]).last_hidden_state[0]
+        with pt.disabled(model):
+            bare = model(input_ids=ids[1:, :6]).last_hidden_state[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    assert (alone - bare).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["hf_gpt2", "hf_llama"])
+def test_every_position_correction_keeps_a_causal_model_causal(arch):
+    """Position i of a causal model depends on positions <= i only; the correction must not look ahead."""
+    model, _ = build(arch)
+    pt.inject(model, _unipt("text"))
+    perturb(model)
+    ids = _text_ids()
+    later = ids.clone()
+    later[:, 5:] = (later[:, 5:] + 7) % 90 + 3
+    with torch.no_grad():
+        a, b = model(input_ids=ids).last_hidden_state, model(input_ids=later).last_hidden_state
+        with pt.disabled(model):
+            bare = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-5, rtol=1e-5)
+    assert (a[:, :5] - bare[:, :5]).abs().max() > 1e-4
+
+
+def test_stage_wise_tower_taps_each_stage_at_its_own_width():
+    """Swin widens from stage to stage (16 then 32) and pools the mean: each tap reads its own width, and the
+    correction moves the pooled mean by itself at every position of the last stage."""
+    model, _ = build("hf_swin")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(pixel_values=x)
+    pt.inject(model, _unipt("vision"))
+    side = pt.api.adapter_module(model, pt.api.get_injection(model).attachments[0])
+    assert [layer.in_features for layer in side.unipt_layers] == [16, 16, 16, 32, 32]
+    perturb(model)
+    with torch.no_grad():
+        after = model(pixel_values=x)
+    shift = after.last_hidden_state - before.last_hidden_state              # (B, N, 32): one correction per row
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(after.pooler_output - before.pooler_output, shift[:, 0], atol=1e-5, rtol=1e-5)
+    assert shift.abs().max() > 1e-4
+
+
+def test_coca_decoder_is_read_as_causal_and_every_position_stays_causal():
+    """CoCa's text decoder returns every position under a causal mask buffer: it pools nothing (it was read as
+    pooling position 0), and its correction at position i must not read later positions."""
+    model, _ = build("open_clip_coca")
+    pt.inject(model, _unipt("text_decoder"))
+    perturb(model)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(2, 5, 32, generator=g), torch.randn(2, 12, 32, generator=g)
+    later = text.clone()
+    later[:, 7:] = torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        a, b = model.text_decoder(image, text), model.text_decoder(image, later)
+        with pt.disabled(model):
+            bare = model.text_decoder(image, text)
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=1e-5)
+    assert (a - bare).abs().amax(-1).min() > 1e-5          # every position corrected
+
+
+def test_coca_interleaved_decoder_stacks_are_read_by_one_side_network():
+    """CoCa's decoder calls a self-attention block and a cross-attention block in turn, both ending at ln_final:
+    the unipt preset gives it one side network that taps both stacks (H_0 and two block outputs)."""
+    model, _ = build("open_clip_coca")
+    pt.inject(model, "unipt")
+    sides = {a.branch: a for a in pt.api.get_injection(model).attachments if a.side is not None}
+    assert sorted(sides) == ["text", "text_decoder", "vision"]
+    assert sides["text_decoder"].side.taps == ("text_decoder.resblocks.0", "text_decoder.cross_attn.0")
+    assert len(pt.api.adapter_module(model, sides["text_decoder"]).unipt_layers) == 3
+    perturb(model)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(2, 5, 32, generator=g), torch.randn(2, 12, 32, generator=g)
+    with torch.no_grad():
+        out = model.text_decoder(image, text)
+        with pt.disabled(model):
+            bare = model.text_decoder(image, text)
+    assert (out - bare).abs().amax(-1).min() > 1e-5

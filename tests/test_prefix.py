@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import petl_tpr as pt
-from petl_tpr.attention import CONVENTIONS, take_over
+from petl_tpr.attention import CONVENTIONS, state_of, take_over
 from petl_tpr.registry import FAMILIES
 
 from conftest import assert_no_petl_traces, assert_state_equal, family_example, perturb, state_snapshot
@@ -158,13 +158,36 @@ def test_weights_keep_the_module_shape_with_prefixes():
 # -- bad input ---------------------------------------------------------------------------------
 
 
-def test_prefix_on_a_family_without_takeover_names_module_and_class(monkeypatch):
-    family = FAMILIES["hf_clip"]
+def _without_convention(monkeypatch, name: str) -> None:
+    family = FAMILIES[name]
     layouts = tuple(dataclasses.replace(layout, attention=None) for layout in family.layouts)
-    monkeypatch.setitem(FAMILIES, "hf_clip", dataclasses.replace(family, layouts=layouts))
+    monkeypatch.setitem(FAMILIES, name, dataclasses.replace(family, layouts=layouts))
+
+
+def test_prefix_through_the_modules_own_sdpa_call_equals_the_family_convention(monkeypatch, tmp_path):
+    """Two independent paths, one result: the `hf` convention re-implements CLIP's attention; without it the
+    module's own forward runs and its SDPA call gets the prefixes (`sdpa`). Same perturbed prefixes, same outputs."""
+    model, run = family_example("hf_clip")
+    pt.inject(model, "s-prefix")
+    perturb(model)
+    with torch.no_grad():
+        own_convention = run(model)
+    pt.save_adapters(model, tmp_path / "a.safetensors")
+    _without_convention(monkeypatch, "hf_clip")
+    fresh, _ = family_example("hf_clip")
+    pt.load_adapters(fresh, tmp_path / "a.safetensors")
+    assert state_of(fresh.text_model.encoder.layers[0].self_attn).convention.name == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh), own_convention, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_on_an_eager_attention_without_convention_names_module_and_class(monkeypatch):
+    _without_convention(monkeypatch, "hf_clip")
     model, _ = family_example("hf_clip")
+    model.set_attn_implementation("eager")      # softmax in its own code: no SDPA call to give prefixes to
     before = state_snapshot(model)
-    with pytest.raises(pt.SpecError, match=r"'text_model.encoder.layers.0.self_attn' \(CLIPAttention, family hf_clip"):
+    with pytest.raises(pt.PetlError, match=r"'text_model.encoder.layers.0.self_attn' \(CLIPAttention\) has no "
+                                           r"takeover convention.*calls SDPA 0 times"):
         pt.inject(model, "s-prefix")
     assert_state_equal(before, model)
     assert_no_petl_traces(model)

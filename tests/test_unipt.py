@@ -13,23 +13,9 @@ from conftest import family_example, perturb
 
 
 def _direct(side: UniPTSide, a, hidden, index, valid):
-    """REFERENCE.md sec. 3, one sample and one layer at a time."""
-    out = []
-    for b in range(a.shape[0]):
-        anchor = side.unipt_anchor(F.relu(a[b]))
-        ms, cs = [], []
-        for phi, h in zip(side.unipt_layers, hidden):
-            t = phi(F.relu(h[b]))                                   # (N, m)
-            n = int(valid[b].sum()) if valid is not None else t.shape[0]
-            t_valid = t[:n] if valid is not None else t
-            w = F.relu(t_valid @ anchor)
-            w = w / w.sum().clamp_min(1e-6)
-            ms.append(w @ t_valid + t[index[b]])
-            cs.append(side.unipt_gate(anchor * t_valid.mean(0)))
-        beta = torch.cat(cs).softmax(0)
-        m = sum(beta[i] * ms[i] for i in range(len(ms)))
-        out.append(side.unipt_out(F.relu(m)))
-    return torch.stack(out)
+    """REFERENCE.md sec. 3, one sample and one layer at a time (every token a key unless `valid` says otherwise)."""
+    keys = valid if valid is not None else torch.ones(hidden[0].shape[:2], dtype=torch.bool)
+    return _direct_visible(side, a, hidden, index, keys)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -43,6 +29,38 @@ def test_side_network_matches_the_formula(masked):
     valid = torch.arange(7)[None] <= index[:, None] if masked else None
     torch.testing.assert_close(side(a, hidden, index, valid), _direct(side, a, hidden, index, valid),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_every_position_mode_is_the_pooled_network_at_each_position():
+    """`a (B, N, D)`: position q's correction is the pooled formula with a = a[:, q], index q, keys visible[:, q]."""
+    torch.manual_seed(0)
+    side = UniPTSide(12, 8, taps=2)
+    torch.nn.init.normal_(side.unipt_out.weight)
+    a, hidden = torch.randn(2, 5, 12), [torch.randn(2, 5, 12) for _ in range(2)]
+    visible = torch.ones(5, 5, dtype=torch.bool).tril()[None].expand(2, 5, 5).clone()
+    visible[1, :, 3:] = False                   # row 1 pads its last two positions
+    every = side(a, hidden, None, visible)
+    for q in range(5):
+        index = torch.full((2,), q)
+        torch.testing.assert_close(every[:, q], _direct_visible(side, a[:, q], hidden, index, visible[:, q]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _direct_visible(side: UniPTSide, a, hidden, index, keys):
+    """REFERENCE.md sec. 3 for one anchor per row, reading only the keys marked in `keys (B, N)`."""
+    out = []
+    for b in range(a.shape[0]):
+        anchor = side.unipt_anchor(F.relu(a[b]))
+        ms, cs = [], []
+        for phi, h in zip(side.unipt_layers, hidden):
+            t = phi(F.relu(h[b]))
+            seen = t[keys[b]]
+            w = F.relu(seen @ anchor)
+            ms.append(w / w.sum().clamp_min(1e-6) @ seen + t[index[b]])
+            cs.append(side.unipt_gate(anchor * seen.mean(0)))
+        beta = torch.cat(cs).softmax(0)
+        out.append(side.unipt_out(F.relu(sum(beta[i] * ms[i] for i in range(len(ms))))))
+    return torch.stack(out)
 
 
 def _side_inputs(model, name):

@@ -5,7 +5,10 @@ cannot take prefixes, and its raw-weight projections cannot take deltas.
 """
 
 from .core import MAX_PREFIX_LENGTH, attend
+from .disentangled import DisentangledAttention
+from .fused import FusedQKVAttention
 from .hf import HFAttention
+from .intercept import InterceptAttention
 from .mha import MHAAttention
 from .relbias import RelativeBiasAttention
 from .rotary import RotaryAttention
@@ -13,7 +16,13 @@ from .takeover import Convention, TakeoverState, is_taken_over, release, state_o
 from .timm import TimmAttention
 
 CONVENTIONS: dict[str, Convention] = {c.name: c for c in (HFAttention(), MHAAttention(), RotaryAttention(), TimmAttention(),
-                                                           RelativeBiasAttention())}
+                                                           RelativeBiasAttention(), InterceptAttention(),
+                                                           FusedQKVAttention(), DisentangledAttention())}
 
-__all__ = ["CONVENTIONS", "Convention", "MAX_PREFIX_LENGTH", "TakeoverState", "attend", "is_taken_over", "release",
+
+def recognised_convention(module) -> str | None:
+    """The convention that recognises `module` by its structure (for blocks whose family names none), or None."""
+    return next((c.name for c in CONVENTIONS.values() if c.recognises(module)), None)
+
+__all__ = ["CONVENTIONS", "Convention", "recognised_convention", "MAX_PREFIX_LENGTH", "TakeoverState", "attend", "is_taken_over", "release",
            "state_of", "take_over"]

@@ -117,7 +117,7 @@ def _with_prefix_columns(mask: torch.Tensor | None, visible: torch.Tensor, lk: i
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
            causal: bool = False, scale: float | None = None, dropout: float = 0.0,
            prefixes: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), need_weights: bool = False,
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+           enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention with optional key/value prefixes.
 
     q `(B, H, Lq, dh)`, k and v `(B, H, Lk, dh)`; prefixes `[(key, value)]` or `[(key, value, rows)]`
@@ -125,6 +125,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
     broadcastable to `(B, H, Lq, Lk)`; `causal` applies a top-left causal mask over the real keys.
     Returns the context `(B, H, Lq, dh)` and, with `need_weights`, the attention probabilities on
     the real keys `(B, H, Lq, Lk)` (prefix columns left out, so the shape is the module's own).
+    `enable_gqa`: k and v have fewer heads than q (each serves `H / Hk` query heads, as in SDPA); prefixes
+    are then split into the key heads.
     """
     lq, lk = q.shape[-2], k.shape[-2]
     if causal and (prefixes or mask is not None or need_weights):
@@ -140,8 +142,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
                 mask = mask.expand(*mask.shape[:-1], lk)
             mask = _pad_keys(mask, pk.shape[-2])
     if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
+        extra = {"enable_gqa": True} if enable_gqa else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale,
+                                             **extra)
         return out, None
+    if enable_gqa:
+        raise InputError("attention weights with grouped-query heads are not computed here")
     scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores + _as_additive(mask, scores.dtype)

@@ -40,6 +40,10 @@ class Convention:
     def check(self, module: nn.Module) -> None:
         """Raise InjectionError if `module` uses an option this convention does not reproduce."""
 
+    def recognises(self, module: nn.Module) -> bool:
+        """Whether this convention knows `module` by its structure alone (used where the family names no convention)."""
+        return False
+
     def forward(self, module: nn.Module, state: "TakeoverState", *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 

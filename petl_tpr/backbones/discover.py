@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..attention import recognised_convention
 from ..errors import DiscoveryError
 from ..registry import FAMILIES
 from .ends import final_norm, token_embedding
@@ -53,7 +54,8 @@ class Backbone:
             roles = ", ".join(f"{r}={p.key[len(first.path) + 1:]}" for r, p in first.projections.items())
             lines.append(f"  block 0 '{first.path}': {roles}; norms {layout.norm1}, {layout.norm2} "
                          f"({'pre' if first.pre_norm else 'post'}-norm); attention takeover: "
-                         f"{layout.attention or 'none (prefixes refused)'}")
+                         + (f"{b.takeover} (prefixes given at its own SDPA call, probed at inject)" if b.takeover == "sdpa"
+                            else str(b.takeover)))
         return "\n".join(lines)
 
     __str__ = report
@@ -253,10 +255,18 @@ def discover(model: nn.Module) -> Backbone:
         )
         families = {b.family for b in blocks}
         branch = Branch(name, group, blocks, "/".join(sorted(families)), final_norm=final_norm(model, group, roots),
-                        token_embedding=token_embedding(model, group, roots))
+                        token_embedding=token_embedding(model, group, roots), takeover=_takeover_name(model, blocks[0]))
         default = FAMILIES[blocks[0].family].global_token(name) if blocks[0].family in FAMILIES else "none"
         branches[name] = replace(branch, pooling=pooling(model, branch, list(roots), default))
     return Backbone(branches)
+
+
+def _takeover_name(model: nn.Module, block: Block) -> str:
+    """The convention a takeover of `block`'s attention starts from: the family's, one that recognises the
+    module, or `sdpa` (the inject probe may still move prefixes to `sdpa` or refuse; probe.py)."""
+    if block.layout.attention is not None:
+        return block.layout.attention
+    return recognised_convention(model.get_submodule(block.module_path(block.layout.attn))) or "sdpa"
 
 
 def _check_whole_stacks(model: nn.Module, blocks: list[str]) -> None:

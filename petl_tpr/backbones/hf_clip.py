@@ -25,8 +25,8 @@ LAYOUT = BlockLayout(
 )
 
 
-# BLIP's vision tower: the same layer with one fused qkv Linear (rows q|k|v) and `projection`; no takeover
-# convention reads a fused transformers qkv, so prefixes are refused there.
+# BLIP's vision tower: the same layer with one fused qkv Linear (rows q|k|v) and `projection`, attention
+# computed in its own code (no SDPA call); the "hf_fused" convention reproduces it.
 LAYOUT_FUSED = BlockLayout(
     attn="self_attn",
     q=ProjectionRef("self_attn.qkv", part=0),
@@ -41,6 +41,7 @@ LAYOUT_FUSED = BlockLayout(
     attn_out="self_attn",
     mlp_in="mlp",
     mlp_out="mlp",
+    attention="hf_fused",
 )
 
 

@@ -5,7 +5,8 @@
 `input_layernorm` / `post_attention_layernorm`, pre-norm. The attention applies rotary position
 embeddings handed in by the model; the `hf_rotary` convention reproduces it (attention/rotary.py),
 so prefixes sit after the rotation.
-These models do not pool: a side network (UniPT) needs a pooled token and is refused.
+These models do not pool: a side network (UniPT) corrects every position, each reading earlier positions only
+(their attention says `is_causal`).
 """
 
 from __future__ import annotations
@@ -57,5 +58,4 @@ FAMILY = register_family(Family(
     description="transformers Llama-style decoder layer: self_attn.{q,k,v,o}_proj (GQA), mlp.{gate,up,down}_proj, RMSNorm",
     example=tiny_example,
     global_token=lambda branch: "none",
-    refuses=("unipt",),
 ))

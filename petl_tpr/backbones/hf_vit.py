@@ -26,7 +26,8 @@ LAYOUT_V5 = BlockLayout(
 )
 
 # transformers 4.x: attention.attention.{query,key,value}, attention.output.dense, intermediate/output.
-# Its self-attention takes (hidden_states, head_mask, output_attentions): no takeover convention.
+# Its self-attention takes (hidden_states, head_mask, output_attentions): no convention re-implements it;
+# prefixes go through its own SDPA call where it makes one (the `sdpa` convention, probed at inject).
 LAYOUT_V4 = BlockLayout(
     attn="attention.attention",
     q=ProjectionRef("attention.attention.query"),

@@ -193,6 +193,7 @@ class Branch:
     final_norm: str | None = None        # see backbones/ends.py
     token_embedding: str | None = None
     pooling: Any = None                  # backbones/pooling.Pooling: where the branch pools its feature
+    takeover: str | None = None          # convention a takeover of its attention starts from (discover.py)
 
     @property
     def dim(self) -> int:

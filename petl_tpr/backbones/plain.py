@@ -1,7 +1,9 @@
 """The structural family: blocks read from their structure when no family table fits (structural.py).
 
-Registered last, so every table family is tried first. Its blocks have no takeover convention, so
-prefix methods are refused on them with a clear error at inject.
+Registered last, so every table family is tried first. Its blocks have no takeover convention of their
+own: prefixes are given to the attention's one `F.scaled_dot_product_attention` call while its own
+forward runs (the `sdpa` convention, attention/intercept.py), and refused at inject where the probe
+finds no such call.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ FAMILY = register_family(Family(
     description="any block with two norms, q/k/v (separate or fused) + output projection and a 2- or 3-Linear MLP, "
                 "read from its structure (names tell q from k from v); pre/post-norm from one probe call",
     example=tiny_example,
-    refuses=("prefix", "s-prefix"),
     # a ViT read by structure pools its class token; a text stack's pooling cannot be read (CLS for BERT-like
-    # encoders, the last token for GPT-2, none for T5): side networks are refused there rather than guessed
+    # encoders, the last token for GPT-2, none for T5): side networks correct every position there
     global_token=lambda branch: "first" if branch == "vision" else "none",
 ))

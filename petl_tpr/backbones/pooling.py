@@ -7,6 +7,7 @@ branch), the first module that says how it pools decides:
   "argmax", "last", "avg", "none") and `attn_pool`; timm's `global_pool` ("token", "avg", "map", "");
 - the end-of-text id a transformers CLIP text tower pools at (`eos_token_id`, the first position
   holding it; CLIP's legacy id 2 means the largest id, as the original CLIP did);
+- a child `nn.AdaptiveAvgPool1d(1)` over the positions (transformers' Swin pooler): the mean;
 - an attention-pooling head: a child module holding an `nn.MultiheadAttention` and a learned
   query (a direct 3-D parameter whose last dimension is the branch width, as SigLIP's
   `head.probe`), whose output is the pooled `(B, D)` feature itself (timm's `attn_pool` is read
@@ -14,16 +15,19 @@ branch), the first module that says how it pools decides:
 - model code with no attribute to read it from: transformers' SigLIP text towers pool the last
   position (`_LAST_TOKEN`).
 
-Otherwise the family's `global_token(branch)` says it. Kinds: "first" (position 0), "eot" (the
-largest token id), "eos" (the first position holding `eos_id`), "last", "mean" (every position),
+Otherwise the family's `global_token(branch)` says it, except that a causal stack (CoCa's text
+decoder) is never read as pooling its position 0, which sees only itself: it returns every position.
+Kinds: "first" (position 0), "eot" (the largest token id), "eos" (the first position holding `eos_id`), "last", "mean" (every position),
 "head" (the output of module `owner`, already pooled), "none" (the model leaves pooling to the
-user), "unsupported" (a pooling the side network cannot reproduce; `why` says which).
+user: a side network corrects every position), "unsupported" (a pooling the side network cannot reproduce; `why` says which).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .ends import _ancestors, _inside
@@ -44,7 +48,8 @@ class Pooling:
 
     def describe(self) -> str:
         where = {"first": "position 0", "eot": "the largest token id", "last": "the last position",
-                 "mean": "the mean of every position", "none": "left to the user"}.get(self.kind, self.kind)
+                 "mean": "the mean of every position",
+                 "none": "left to the user; side networks correct every position"}.get(self.kind, self.kind)
         if self.kind == "head":
             where = f"the output of '{self.owner}'"
         elif self.kind == "eos":
@@ -88,6 +93,9 @@ def _read(module: nn.Module, path: str, stack: str, width: int) -> Pooling | Non
     if isinstance(eos, int) and not isinstance(eos, bool) and hasattr(module, "final_layer_norm"):
         return Pooling("eot", f"{name}.eos_token_id=2 (legacy: largest id)") if eos == 2 else Pooling(
             "eos", f"{name}.eos_token_id={eos}", eos_id=eos)
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.AdaptiveAvgPool1d) and child.output_size in (1, (1,)):   # transformers Swin's pooler
+            return Pooling("mean", f"{name}.{child_name} (AdaptiveAvgPool1d over the positions)")
     head = _query_head(module, path, stack, width)
     if head is not None:
         return Pooling("head", f"attention-pooling head '{head}' (a learned query)", owner=head)
@@ -106,4 +114,51 @@ def pooling(model: nn.Module, branch, stacks: list[str], family_default: str) ->
         found = _read(module, ancestor, branch.path, branch.dim)
         if found is not None:
             return found
+    if family_default == "first" and is_causal(model, branch, stacks):   # position 0 of a causal stack sees itself only
+        return Pooling("none", f"a causal stack with no pooling read (family {branch.family} would say position 0)")
     return Pooling(family_default, f"family {branch.family}")
+
+
+def _takes_attention_mask(module: nn.Module) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def padding_mask_source(model: nn.Module, branch, stacks: list[str]) -> str | None:
+    """Path of the nearest module above `branch`'s stack whose forward takes `attention_mask` (the `(B, N)`
+    padding mask a transformers model is given), stopping below an ancestor that holds another branch; None."""
+    for ancestor in _ancestors(branch.path):
+        if any(other != branch.path and _inside(other, ancestor) for other in stacks):
+            return None
+        module = model.get_submodule(ancestor) if ancestor else model
+        if _takes_attention_mask(module):
+            return ancestor
+    return None
+
+
+def _causal_mask(tensor: torch.Tensor) -> bool:
+    """A square `(L, L)` mask hiding exactly the positions after each query: -inf above the diagonal and 0
+    elsewhere, or True above it and False elsewhere (PyTorch's bool convention, True = may not attend)."""
+    if tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1] or tensor.shape[0] < 2:
+        return False
+    after = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device).triu(1)
+    if tensor.dtype == torch.bool:
+        return bool(tensor[after].all()) and not bool(tensor[~after].any())
+    return tensor.is_floating_point() and bool(torch.isneginf(tensor[after]).all()) and bool((tensor[~after] == 0).all())
+
+
+def is_causal(model: nn.Module, branch, stacks: list[str]) -> bool:
+    """Whether `branch`'s attention is causal: a module in its blocks says `is_causal = True` (GPT-2, Llama), or a
+    module above its stack holds a causal mask buffer (open_clip's text towers and CoCa's decoder build one)."""
+    if any(getattr(m, "is_causal", None) is True for block in branch.blocks
+           for m in model.get_submodule(block.path).modules()):
+        return True
+    for ancestor in _ancestors(branch.path):
+        module = model.get_submodule(ancestor) if ancestor else model
+        if any(_causal_mask(buffer) for _, buffer in module.named_buffers(recurse=False)):
+            return True
+        if any(other != branch.path and _inside(other, ancestor) for other in stacks):
+            return False
+    return False

@@ -17,7 +17,8 @@ For a module that is one element of a ModuleList or Sequential, `infer_layout` l
   on a seeded `(2, 5, d)` input with hooks that record the order norms and projections run in
   (norm1 runs first; a norm before the first q/k/v call: pre-norm); a block that cannot be called
   alone is read by registration order.
-The takeover convention is none: prefixes are refused on such blocks (a clear error at inject).
+The layout names no takeover convention: prefixes reach such blocks through their attention's own
+`F.scaled_dot_product_attention` call (the `sdpa` convention), or are refused at inject.
 Anything ambiguous (no names to tell q from k, three norms) is not a match; `discover` then says
 what it found, and a family file describes the block (docs/adding.md).
 """
