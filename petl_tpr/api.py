@@ -182,7 +182,10 @@ def inject(model: nn.Module, spec: Spec | str, *, name: str = DEFAULT, freeze: b
 
 def _run_site(model: nn.Module, backbone, att: Attachment) -> tuple[str, str, str, nn.Module]:
     """(enclosing module, key, description, adapter) for the first-forward run check (runcheck.py)."""
-    enclosing = att.owner if att.side is not None else backbone.branches[att.branch].blocks[att.layer].path
+    if att.side is None:
+        enclosing = backbone.branches[att.branch].blocks[att.layer].path
+    else:        # the module it ends at; for a block run at several positions, the module running the stack
+        enclosing = att.side.start if att.side.repeats > 1 else att.owner
     where = "" if att.set == DEFAULT else f" of set {att.set!r}"
     what = f"{att.entry} ({att.method}){where} at {att.key} [{att.role}, {att.slot}]"
     return enclosing, att.state_prefix, what, adapter_module(model, att)

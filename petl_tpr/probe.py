@@ -116,26 +116,25 @@ def _call_alone(module: nn.Module, convention: str, x: torch.Tensor) -> torch.Te
     return _first_tensor(out)
 
 
-def _lengths(module: nn.Module) -> list[int]:
-    """Sequence lengths to probe with: a short one, and a window's token count (+1 for a class token)."""
+def _shapes(module: nn.Module, width: int) -> list[tuple[int, ...]]:
+    """Hidden-state shapes to probe with: `(2, L, d)` for a short length and a window's token count (+1 for a
+    class token), then a `(2, h, w, d)` grid (torchvision's Swin attention takes its positions on one)."""
     window = next((getattr(m, "window_size") for m in module.modules() if isinstance(getattr(m, "window_size", None),
                                                                                       (tuple, list))), None)
     if window is None and getattr(module, "has_relative_position_bias", False):   # BEiT-style: window of its table
         window = getattr(module.relative_position_bias, "window_size", None)
-    if isinstance(window, (tuple, list)) and window and all(isinstance(w, int) for w in window):
-        tokens = 1
-        for w in window:
-            tokens *= w
-        return [5, tokens + 1, tokens]
-    return [5]
+    if isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window):
+        return [(2, 5, width), (2, window[0] * window[1] + 1, width), (2, window[0] * window[1], width),
+                (2, window[0], window[1], width)]
+    return [(2, 5, width), (2, 4, 4, width)]
 
 
-def _probe_input(module: nn.Module, width: int, length: int) -> torch.Tensor:
+def _probe_input(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     param = next(module.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     g = torch.Generator().manual_seed(1234)
-    return torch.randn(2, length, width, generator=g).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
 
 
 class _Called:
@@ -184,8 +183,8 @@ def check_attention(model: nn.Module, path: str, convention: str | None, width: 
         counters = {owner: _Called() for owner in hooked}
         handles = [model.get_submodule(owner).register_forward_hook(c) for owner, c in counters.items()]
         try:
-            for length in _lengths(module):
-                x = _probe_input(module, width, length)
+            for shape in _shapes(module, width):
+                x = _probe_input(module, shape)
                 own, calls = count_sdpa(lambda: _call_alone(module, convention or "", x))
                 if own is not None:
                     break

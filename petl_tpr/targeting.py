@@ -10,6 +10,7 @@ from torch import nn
 from .attach import Attachment, home_of
 from .attention import recognised_convention
 from .backbones.discover import Backbone
+from .backbones.ends import calls_per_forward
 from .backbones.pooling import is_causal, padding_mask_source
 from .backbones.layout import BRANCH_ROLES, NORM_ROLES, PROJECTION_ROLES, Block, Branch, is_linear
 from .errors import SpecError
@@ -43,26 +44,28 @@ def _side_site(model: nn.Module, branch: Branch, layers: list[int], entry: Metho
         raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r}: {pool.why}{source}; a side "
                         f"network adds its correction where the model pools, and cannot here")
     owner = pool.owner if kind == "head" else branch.final_norm or blocks[-1].path
-    if len(blocks) == 1 and owner == first.path:
+    repeats = calls_per_forward(model, branch)
+    if len(blocks) == 1 and owner == first.path and repeats == 1:
         raise SpecError(f"entry {entry.name!r} ({entry.method}): branch {branch.name!r} is one block with no final norm "
-                        f"('{first.path}'); a model may call such a block several times per forward (ALBERT shares one "
-                        f"layer's weights across all layer positions), and a side network would then add its correction "
+                        f"('{first.path}') and no config saying how many layer positions it runs at; a model may call "
+                        f"such a block several times per forward, and a side network would then add its correction "
                         f"after every call")
     side = SideSite(first_block=first.path, taps=tuple(blocks[i].path for i in layers), owner=owner,
                     ids=branch.token_embedding, global_token=kind,
                     batch_first=first.layout.batch_first(model.get_submodule(first.path)),
                     eos_id=pool.eos_id if pool is not None else None,
                     mask_from=padding_mask_source(model, branch, stacks) if kind == "none" else None,
-                    causal=kind == "none" and is_causal(model, branch, stacks))
+                    causal=kind == "none" and is_causal(model, branch, stacks), repeats=repeats,
+                    start=branch.path.rsplit(".", 1)[0] if "." in branch.path else "")
     if kind in ("eot", "eos") and branch.token_embedding is None:
         raise SpecError(f"entry {entry.name!r}: branch {branch.name!r} pools at the end-of-text token but no token "
                         f"embedding feeds it")
     home, container = home_of(model, owner, entry.name)
     att = Attachment(key=branch.path, entry=entry.name, method=entry.method, branch=branch.name, layer=layers[-1],
                      role="branch", slot="side", owner=owner, container=container, home=home, side=side)
-    widths = (blocks[0].dim, *(blocks[i].dim for i in layers))     # H_0 and each tapped block's output
+    widths = (blocks[0].dim, *(blocks[i].dim for i in layers for _ in range(repeats)))   # H_0, each tapped output
     d = blocks[-1].dim                # the branch's end (its final norm follows the last block)
-    extra: dict = {"taps": len(layers) + 1}
+    extra: dict = {"taps": len(widths)}
     if any(w != d for w in widths):   # stages of different widths (Swin): one input width per tap
         extra["tap_dims"] = widths
     return PlannedSite(att, entry, d, d, extra)

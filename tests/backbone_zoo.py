@@ -94,6 +94,8 @@ def _open_clip(name: str, size: int = 32, vision: dict | None = None, text: dict
         cls = open_clip.CoCa if coca else open_clip.CLIP
         kwargs = dict(multimodal_cfg=dict(width=32, heads=4, layers=1, context_length=12, vocab_size=100)) if coca else {}
         model = cls(embed_dim=16, vision_cfg=vision, text_cfg=text, **kwargs).eval()
+        if coca:     # CoCa leaves its decoder's output projection as allocated (torch.empty): give it values
+            torch.nn.init.normal_(model.text_decoder.text_projection, std=0.1)
 
         def run(m):
             text_ids = _ids(100, 12)
@@ -196,6 +198,32 @@ def _open_clip_timm_tower():
     return model, run
 
 
+def _bart_encoder():
+    """BART's encoder alone: a norm after the embeddings (`layernorm_embedding`) and no final norm."""
+    import transformers
+
+    config = transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+                                     max_position_embeddings=32)
+    model = transformers.BartModel(config).get_encoder().eval()
+    return model, lambda m: m(input_ids=_ids()).last_hidden_state.flatten()
+
+
+def _torchvision_swin():
+    """torchvision's Swin: (B, H, W, C) hidden states, an attention that reads its qkv weight itself."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4]).eval()
+    return model, lambda m: m(_pixels()).flatten()
+
+
+def _torch_encoder_norm_first():
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    return model, lambda m: m(torch.randn(2, 7, 32, generator=_g())).flatten()
+
+
 TEXT = dict(vocab_size=100, max_position_embeddings=32)
 ZOO: Zoo = {
     "hf_clip": _hf_dual("CLIPConfig", "CLIPModel", dict(W, image_size=32, patch_size=8),
@@ -243,6 +271,19 @@ ZOO: Zoo = {
     "torch_encoder": _torch_encoder(nested=False),
     "torch_encoder_nested": _torch_encoder(nested=True),
     "user_vit": _user_vit,
+    # beyond the issue's list: other encoders and decoders, to check the pattern rather than the names
+    "hf_mpnet": _hf_text("MPNetConfig", "MPNetModel", **W, **TEXT),
+    "hf_bart_encoder": _bart_encoder,
+    "hf_opt": _hf_text("OPTConfig", "OPTModel", mask=False, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, word_embed_proj_dim=32),
+    "hf_gpt_neox": _hf_text("GPTNeoXConfig", "GPTNeoXModel", mask=False, **W, vocab_size=100),
+    "hf_bloom": _hf_text("BloomConfig", "BloomModel", mask=False, hidden_size=32, n_layer=2, n_head=4, vocab_size=100),
+    "timm_swin": _timm("swin_tiny_patch4_window7_224", patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                       num_heads=(2, 4)),
+    "timm_cait": _timm("cait_xxs24_224", patch_size=8, depth=2, embed_dim=32, num_heads=4),
+    "timm_xcit": _timm("xcit_nano_12_p16_224", patch_size=8, depth=2, embed_dim=32, num_heads=4),
+    "torchvision_swin": _torchvision_swin,
+    "torch_encoder_norm_first": _torch_encoder_norm_first,
 }
 
 

@@ -32,7 +32,11 @@ EXPECTED = {   # architecture -> {branch: pooling kind}, read from each model's 
     "hf_llama": {"text": "none"},
     "hf_swin": {"vision": "mean"},
     "open_clip_coca": {"text": "eot", "vision": "first", "text_decoder": "none", "text_decoder_cross_attn": "none"},
-    "hf_albert": {"text": "none"},
+    "hf_albert": {"text": "first"},
+    "hf_mpnet": {"text": "first"},
+    "hf_bert": {"text": "first"},
+    "hf_deberta_v2": {"text": "none"},
+    "torchvision_swin": {"vision": "mean"},
 }
 
 
@@ -158,9 +162,10 @@ def test_every_position_correction_reads_no_padding():
     assert (alone - bare).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["hf_gpt2", "hf_llama"])
+@pytest.mark.parametrize("arch", ["hf_gpt2", "hf_llama", "hf_opt", "hf_gpt_neox", "hf_bloom"])
 def test_every_position_correction_keeps_a_causal_model_causal(arch):
-    """Position i of a causal model depends on positions <= i only; the correction must not look ahead."""
+    """Position i of a causal model depends on positions <= i only; the correction must not look ahead (BLOOM says
+    so by nothing but the mask it gives its layers)."""
     model, _ = build(arch)
     pt.inject(model, _unipt("text"))
     perturb(model)
@@ -229,3 +234,46 @@ def test_coca_interleaved_decoder_stacks_are_read_by_one_side_network():
         with pt.disabled(model):
             bare = model.text_decoder(image, text)
     assert (out - bare).abs().amax(-1).min() > 1e-5
+
+
+def test_albert_shared_layer_is_tapped_at_every_layer_position():
+    """ALBERT runs one layer group at all num_hidden_layers positions: the side network taps each call (H_0 and
+    two outputs), adds its correction once, after the last, at position 0 (its pooler's token); the pooled output
+    moves and every other position stays as it was."""
+    model, _ = build("hf_albert")
+    ids = _text_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids)
+    pt.inject(model, _unipt("text"))
+    side = pt.api.adapter_module(model, pt.api.get_injection(model).attachments[0])
+    assert len(side.unipt_layers) == 1 + model.config.num_hidden_layers
+    perturb(model)
+    with torch.no_grad():
+        after = model(input_ids=ids)
+    moved = (after.last_hidden_state - before.last_hidden_state).abs().amax(-1) > 1e-6
+    assert moved[:, 0].all() and not moved[:, 1:].any()
+    assert (after.pooler_output - before.pooler_output).abs().max() > 1e-4
+
+
+def test_a_run_broken_off_half_way_leaves_nothing_for_the_next():
+    """An exception between two layer positions (out of memory, a bad input) must not leave half a run's taps
+    for the next forward to mix with its own: the module running the stack starts each run afresh."""
+    model, _ = build("hf_albert")
+    pt.inject(model, _unipt("text"))
+    perturb(model)
+    ids = _text_ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    calls = []
+
+    def fail_second(module, args):    # before the second layer position runs: its taps are half filled
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("broken off")
+
+    handle = model.encoder.albert_layer_groups[0].register_forward_pre_hook(fail_second)
+    with pytest.raises(RuntimeError, match="broken off"), torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected, atol=0, rtol=0)

@@ -195,9 +195,21 @@ def _own_name(kind: str, stack: str, taken: set[str]) -> str:
     return name
 
 
+def _width(module: nn.Module) -> int | None:
+    norm = next((m for m in module.modules() if is_norm(m)), None)
+    return None if norm is None else int(norm.weight.shape[0])
+
+
+def _widening(model: nn.Module, siblings: list[str]) -> bool:
+    """Several stacks that are items of one container and widen from one to the next: a pyramid's stages."""
+    widths = [_width(model.get_submodule(s)) for s in siblings]
+    return len(siblings) > 1 and None not in widths and all(a < b for a, b in zip(widths, widths[1:]))
+
+
 def _stage_groups(model: nn.Module, stacks: list[str]) -> dict[str, list[str]]:
     """Stacks that are the stages of one pyramid (`encoder.layers.0.blocks`, `encoder.layers.1.blocks`, as in
-    Swin) form one branch, keyed by the stage container (`encoder.layers`); any other stack stands alone."""
+    transformers' Swin; or `features.1`, `features.3` widening from one to the next, as in torchvision's) form
+    one branch, keyed by the stage container (`encoder.layers`, `features`); any other stack stands alone."""
     groups: dict[str, list[str]] = {}
     for stack in stacks:
         parts = stack.split(".")
@@ -207,9 +219,12 @@ def _stage_groups(model: nn.Module, stacks: list[str]) -> dict[str, list[str]]:
                 container = ".".join(parts[:i])
                 if isinstance(model.get_submodule(container), (nn.ModuleList, nn.Sequential)):
                     rest = ".".join(parts[i + 1:])
-                    siblings = [s for s in stacks if s.startswith(container + ".") and s.endswith("." + rest)]
-                    if len(siblings) > 1 and rest:
-                        key = container
+                    if rest:
+                        siblings = [s for s in stacks if s.startswith(container + ".") and s.endswith("." + rest)]
+                        if len(siblings) > 1:
+                            key = container
+                    elif _widening(model, [s for s in stacks if s.rsplit(".", 1)[0] == container]):
+                        key = container     # torchvision Swin: features.1, features.3, ... with downsamplers between
                 break
         groups.setdefault(key, []).append(stack)
     return groups

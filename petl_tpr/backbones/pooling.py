@@ -7,7 +7,10 @@ branch), the first module that says how it pools decides:
   "argmax", "last", "avg", "none") and `attn_pool`; timm's `global_pool` ("token", "avg", "map", "");
 - the end-of-text id a transformers CLIP text tower pools at (`eos_token_id`, the first position
   holding it; CLIP's legacy id 2 means the largest id, as the original CLIP did);
-- a child `nn.AdaptiveAvgPool1d(1)` over the positions (transformers' Swin pooler): the mean;
+- a child `nn.AdaptiveAvgPool1d(1)` or `AdaptiveAvgPool2d(1)` over the positions (transformers' and
+  torchvision's Swin): the mean;
+- a transformers `pooler` child (a `(d, d)` Linear, or a module holding one as `dense`: BERT, ALBERT,
+  MPNet), which the model applies to position 0;
 - an attention-pooling head: a child module holding an `nn.MultiheadAttention` and a learned
   query (a direct 3-D parameter whose last dimension is the branch width, as SigLIP's
   `head.probe`), whose output is the pooled `(B, D)` feature itself (timm's `attn_pool` is read
@@ -70,6 +73,13 @@ def _query_head(module: nn.Module, path: str, stack: str, width: int) -> str | N
     return None
 
 
+def _bert_pooler(pooler: nn.Module | None, width: int) -> bool:
+    """transformers' BERT-style pooler (BERT, ALBERT, MPNet...): a `(d, d)` Linear, alone or as its `dense`,
+    that the model's forward applies to position 0."""
+    dense = pooler if isinstance(pooler, nn.Linear) else getattr(pooler, "dense", None)
+    return isinstance(dense, nn.Linear) and dense.in_features == dense.out_features == width
+
+
 def _read(module: nn.Module, path: str, stack: str, width: int) -> Pooling | None:
     name = type(module).__name__
     pool_type = getattr(module, "pool_type", None)
@@ -94,8 +104,10 @@ def _read(module: nn.Module, path: str, stack: str, width: int) -> Pooling | Non
         return Pooling("eot", f"{name}.eos_token_id=2 (legacy: largest id)") if eos == 2 else Pooling(
             "eos", f"{name}.eos_token_id={eos}", eos_id=eos)
     for child_name, child in module.named_children():
-        if isinstance(child, nn.AdaptiveAvgPool1d) and child.output_size in (1, (1,)):   # transformers Swin's pooler
-            return Pooling("mean", f"{name}.{child_name} (AdaptiveAvgPool1d over the positions)")
+        if isinstance(child, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) and child.output_size in (1, (1,), (1, 1)):
+            return Pooling("mean", f"{name}.{child_name} ({type(child).__name__} over the positions)")   # Swin
+    if _bert_pooler(getattr(module, "pooler", None), width):
+        return Pooling("first", f"{name}.pooler (a transformers pooler: a d x d Linear on position 0)")
     head = _query_head(module, path, stack, width)
     if head is not None:
         return Pooling("head", f"attention-pooling head '{head}' (a learned query)", owner=head)
