@@ -3,7 +3,9 @@
 `classify(arch, preset)` returns `(status, detail)`:
 - "served": inject succeeded; with nothing trained the outputs equal the bare model's (fp32
   tolerance, for methods that are identity at init); with perturbed adapters every adapter in each
-  block that ran did run and the outputs changed; LoRA merged gives the unmerged outputs.
+  block that ran did run and the outputs changed; a backward pass gives every adapter tensor (in the
+  blocks the run calls) a gradient and no base parameter one; saved and loaded into a fresh build
+  the adapters give the same outputs, and merged (LoRA) too; eject gives the model back bit for bit.
 - "refused": a PetlError at inject (detail: its message), the model untouched.
 - "forward-error": a PetlError at the first forward (clear, but later than inject).
 - "SILENT": anything else (a raw exception, an adapter that never ran, outputs unchanged by the
@@ -11,6 +13,9 @@
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 
@@ -71,15 +76,55 @@ def classify(arch: str, preset: str) -> tuple[str, str]:
         return "SILENT", f"adapters in blocks that ran never ran: {never[:3]}"
     if out.shape == bare.shape and torch.allclose(out, bare, atol=1e-6, rtol=0):
         return "SILENT", "perturbed adapters left the outputs unchanged"
-    if preset == "lora":
-        pt.merge(model)
-        merged = _run(run, model)
-        gap = (merged - out).abs().max().item()
-        if gap > 1e-4 * max(1.0, out.abs().max().item()):
-            return "SILENT", f"merge changed the outputs by {gap:.2e}"
+    try:
+        for check in (_gradients_only_on_adapters, _same_in_a_fresh_model):
+            problem = check(arch, model, run, out, unverified)
+            if problem:
+                return "SILENT", problem
+        pt.eject(model)
+        if _hashes(model) != before or not torch.equal(_run(run, model), bare):
+            return "SILENT", "eject did not give the model back bit for bit"
+    except Exception as error:   # noqa: BLE001  (a served model must train, save, load, merge and eject)
+        return "SILENT", f"raw {type(error).__name__} after the first forward: {error}"
     ran = len(calls) - len(unverified)
     return "served", f"{ran}/{len(calls)} adapters ran" + (f" ({len(unverified)} in blocks this run does not call)"
                                                           if unverified else "")
+
+
+def _gradients_only_on_adapters(arch, model, run, out, unverified) -> str | None:
+    """A training step's gradient reaches every adapter tensor in the blocks this run calls, and nothing else."""
+    run(model).square().sum().backward()
+    adapters = {id(p) for p in pt.api.adapter_parameters(model).values()}
+    base = [n for n, p in model.named_parameters() if id(p) not in adapters and p.grad is not None]
+    if base:
+        return f"base parameters got gradients: {base[:3]}"
+    missing = []
+    for att in get_injection(model).attachments:
+        if att.state_prefix not in unverified:
+            missing += [f"{att.state_prefix}.{n}" for n, p in adapter_module(model, att).named_parameters()
+                        if p.grad is None]
+    if missing:
+        return f"adapter tensors got no gradient: {missing[:3]}"
+    model.zero_grad(set_to_none=True)
+    return None
+
+
+def _same_in_a_fresh_model(arch, model, run, out, unverified) -> str | None:
+    """Saved and loaded into a fresh build of the model, the adapters give the same outputs; merged, too."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "adapters.safetensors")
+        pt.save_adapters(model, path)
+        fresh, _ = backbone_zoo.build(arch)
+        pt.load_adapters(fresh, path)
+    loaded = _run(run, fresh)
+    if loaded.shape != out.shape or not torch.allclose(loaded, out, atol=1e-5, rtol=1e-5):
+        return "saved and loaded into a fresh model, the adapters gave other outputs"
+    if any(METHODS[e.method].mergeable for e in get_injection(fresh).spec.entries):
+        pt.merge(fresh)
+        gap = (_run(run, fresh) - out).abs().max().item()
+        if gap > 1e-4 * max(1.0, out.abs().max().item()):
+            return f"merge changed the outputs by {gap:.2e}"
+    return None
 
 
 def peft_default_targets(arch: str) -> str:
@@ -131,7 +176,9 @@ def main() -> None:
              "`tests/backbone_zoo.py`, built from its config with random weights and constant-valued weights "
              "randomised). `tests/test_backbone_matrix.py` checks that the code still gives this table. "
              "*yes*: injected; untrained adapters leave the outputs as they were (identity methods), perturbed "
-             "ones all run and change them, and merged LoRA gives the unmerged outputs. *refused*: a clear "
+             "ones all run and change them, a backward pass reaches every adapter tensor and no base parameter, "
+             "saved and loaded into a fresh build they give the same outputs (merged LoRA too), and eject gives "
+             "the model back bit for bit. *refused*: a clear "
              "`PetlError` at `inject`, the model untouched (the reasons are listed below the table). "
              f"Run time: {time.time() - start:.0f} s.", "",
              "| architecture | branches found | " + " | ".join(PRESETS) + " | PEFT LoRA default |",
