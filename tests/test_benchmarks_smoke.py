@@ -58,3 +58,16 @@ def test_routing_minimal_bytes_and_peak_lookup():
     assert moa_routing.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
     assert moa_routing.peak_bandwidth("NVIDIA H100 PCIe") == 2000.0
     assert moa_routing.peak_bandwidth("Intel Xeon") is None
+
+
+@pytest.mark.slow
+def test_sdpa_takeover_quick(tmp_path):
+    import sdpa_takeover
+
+    results = sdpa_takeover.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "sdpa_takeover_cpu_quick.json").read_text())
+    assert data["max_output_difference"] < 1e-5          # both prefix paths compute the same thing
+    assert set(data["ratios"]) >= {"s-prefix, sdpa / s-prefix, hf", "sdpa, prefixes off / bare"}
+    assert all(r > 0 for r in data["ratios"].values())
+    assert (tmp_path / "sdpa_takeover_cpu_quick.png").stat().st_size > 10_000
+    assert results["machine"]["device"] == "cpu"
