@@ -69,3 +69,13 @@ def write_json(name: str, data: dict, out: Path = RESULTS) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def timing_arguments(parser, *, batch: int, repeats: int, quick: str) -> None:
+    """The options every timing benchmark takes: --batch, --repeats, --device (the GPU when there is one),
+    --quick (`quick` says what its smoke run does) and --out (the results folder)."""
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=RESULTS)

@@ -33,7 +33,7 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, sync, time_interleaved, write_json  # noqa: E402
+from common import machine, sync, time_interleaved, timing_arguments, write_json  # noqa: E402
 
 import petl_tpr as pt  # noqa: E402
 from petl_tpr.compat import ensure_torchvision_importable  # noqa: E402
@@ -141,14 +141,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    timing_arguments(parser, batch=2, repeats=5, quick="2-layer 64-wide tower at 32x32, 2 repeats (smoke run)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; aot_eager for smoke runs)")
     parser.add_argument("--presets", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
                         help=f"variants to time (default: all of {VARIANTS})")
-    parser.add_argument("--quick", action="store_true", help="2-layer 64-wide tower at 32x32, 2 repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 2

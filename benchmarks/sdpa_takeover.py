@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, time_interleaved, write_json  # noqa: E402
+from common import machine, time_interleaved, timing_arguments, write_json  # noqa: E402
 from forward_time import build, inputs  # noqa: E402
 
 import petl_tpr as pt  # noqa: E402
@@ -129,11 +129,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="2-layer models, 2 repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    timing_arguments(parser, batch=8, repeats=5, quick="2-layer models, 2 repeats (smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.batch = 2, 2
