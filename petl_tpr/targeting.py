@@ -248,14 +248,16 @@ def _selected(backbone: Backbone, names: tuple[str, ...], entry: MethodEntry) ->
 
 
 def _check_side_owner(site: PlannedSite, planned: list[PlannedSite], backbone: Backbone) -> None:
-    """Two branches whose blocks end at one norm (CoCa's interleaved decoder stacks) cannot each have a side network."""
+    """Two branches whose blocks end at one norm cannot each have a side network (CaiT's class-attention stack runs
+    after its patch stack; stacks that return every position there are joined instead, as CoCa's decoder)."""
     att = site.attachment
     for other in planned:
         o = other.attachment
         if o.side is not None and o.entry == att.entry and o.owner == att.owner:
             raise SpecError(f"entry {att.entry!r} ({att.method}): branches {o.branch!r} and {att.branch!r} both end at "
-                            f"'{att.owner}' (their blocks interleave), so a side network per branch cannot tell their "
-                            f"outputs apart; select one of them with where.branches; branches: {_describe(backbone)}")
+                            f"'{att.owner}' (one stack runs among or after the other's blocks and pools a token), so a side "
+                            f"network per branch cannot tell their outputs apart; select one of them with "
+                            f"where.branches; branches: {_describe(backbone)}")
 
 
 def _check_free(site: PlannedSite, taken: dict[tuple[str, str], list[Attachment]]) -> None:
