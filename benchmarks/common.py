@@ -79,3 +79,20 @@ def timing_arguments(parser, *, batch: int, repeats: int, quick: str) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def time_bars(ax, times: dict[str, dict[str, float]], *, reference: str, grey: set[str], xlabel: str,
+              title: str) -> None:
+    """Horizontal bars of each case's median time (ms), labelled with the time and its ratio to `reference`;
+    the cases in `grey` are drawn grey (baselines), the others blue."""
+    names = list(times)
+    values = [times[n]["median_ms"] for n in names]
+    base = times[reference]["median_ms"]
+    bars = ax.barh(names, values, color=["#888" if n in grey else "#3b7dd8" for n in names])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.0f} ms ({value / base:.2f}x)",
+                va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values) * 1.4)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, timing_arguments, write_json  # noqa: E402
+from common import machine, time_bars, time_interleaved, timing_arguments, write_json  # noqa: E402
 
 import petl_tpr as pt  # noqa: E402
 from petl_tpr.compat import ensure_torchvision_importable  # noqa: E402
@@ -114,17 +114,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 4.2), squeeze=False)
     for ax, backbone in zip(axes[0], backbones):
         times = results["backbones"][backbone]["times"]
-        names = list(times)
-        values = [times[n]["median_ms"] for n in names]
-        bare = times["bare"]["median_ms"]
-        bars = ax.barh(names, values, color=["#888"] + ["#3b7dd8"] * (len(names) - 1))
-        for bar, value in zip(bars, values):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.0f} ms ({value / bare:.2f}x)",
-                    va="center", fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(values) * 1.35)
-        ax.set_xlabel("forward time, median (ms)")
-        ax.set_title(f"{backbone}: CLIP ViT-B/16, batch {results['batch']}, 384x128 + 77 tokens", fontsize=9)
+        time_bars(ax, times, reference="bare", grey={"bare"}, xlabel="forward time, median (ms)",
+                  title=f"{backbone}: CLIP ViT-B/16, batch {results['batch']}, 384x128 + 77 tokens")
     fig.suptitle(f"Forward time with PETL methods vs the bare backbone ({results['machine']['device_name']})",
                  fontsize=10)
     fig.tight_layout()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, timing_arguments, write_json  # noqa: E402
+from common import machine, time_bars, time_interleaved, timing_arguments, write_json  # noqa: E402
 from forward_time import build, inputs  # noqa: E402
 
 import petl_tpr as pt  # noqa: E402
@@ -109,17 +109,8 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, part in zip(axes, ("inference", "training")):
         times = results[part]
-        names = list(times)
-        values = [times[n]["median_ms"] for n in names]
-        first = values[0]
-        bars = ax.barh(names, values, color=["#888" if "hf" in n or n == "bare" else "#3b7dd8" for n in names])
-        for bar, value in zip(bars, values):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.0f} ms ({value / first:.2f}x)",
-                    va="center", fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(values) * 1.4)
-        ax.set_xlabel("median time (ms)")
-        ax.set_title(f"{part}: CLIP ViT-B/16, batch {results['batch']}", fontsize=9)
+        time_bars(ax, times, reference=next(iter(times)), grey={"bare", "s-prefix, hf"}, xlabel="median time (ms)",
+                  title=f"{part}: CLIP ViT-B/16, batch {results['batch']}")
     fig.suptitle(f"S-Prefix through the hf convention vs the module's own SDPA call ({results['machine']['device_name']})",
                  fontsize=10)
     fig.tight_layout()
